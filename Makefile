@@ -1,0 +1,52 @@
+# umbrella-ds: every target runs inside .venv/, which `make setup` creates.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT ?= runs/demo
+DEMO_DATA ?= runs/demo-data
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export PYTHONDONTWRITEBYTECODE = 1
+
+.PHONY: setup system-deps demo-data demo test lint bench clean
+
+setup: $(STAMP)
+
+# mpi4py compiles against an MPI; Debian's OpenMPI provides mpicc and mpirun.
+system-deps:
+	@if ! command -v mpicc >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing OpenMPI (apt)"; apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenmpi-dev openmpi-bin >/dev/null; \
+	  else echo "need OpenMPI: sudo apt-get install libopenmpi-dev openmpi-bin" >&2; exit 1; fi; \
+	fi
+
+$(STAMP): setup.cfg pyproject.toml | system-deps
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: the local CPU build; a looser pin downloads GBs of CUDA wheels.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo-data: $(STAMP)
+	$(BIN)/umbrella-pack synth --out $(DEMO_DATA)/raw --subjects 96 --seed 0
+	$(BIN)/umbrella-pack build --manifest $(DEMO_DATA)/raw/manifest.csv --out $(DEMO_DATA)/shards --workers 2 --resume
+
+demo: demo-data
+	$(BIN)/python -m umbrella_ds.demo --config configs/demo.yaml --data $(DEMO_DATA) --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Packing: NIfTI volumes, rsfMRI series and phenotypes into sharded, checksummed HDF5."""

@@ -1,0 +1,1 @@
+"""Instruction data: predecessor formats -> tokens, labels, images, batches."""

@@ -1,0 +1,1 @@
+"""The patched LLaVA: MRI patch embedding, splice, freeze, presets."""

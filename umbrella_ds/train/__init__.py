@@ -1,0 +1,1 @@
+"""Training under DeepSpeed ZeRO: environment, loop, checkpoints, evaluation, export."""
