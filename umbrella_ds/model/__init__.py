@@ -1,1 +1,56 @@
 """The patched LLaVA: MRI patch embedding, splice, freeze, presets."""
+
+from umbrella_ds.model.build import DEFAULT_MODALITIES, build_model, count_parameters
+from umbrella_ds.model.llava import (
+    ParamRow,
+    check_image_tokens,
+    embed_inputs,
+    enable_activation_checkpointing,
+    find_patch_embed,
+    freeze_all_but_patch_embed,
+    greedy_generate,
+    image_features,
+    image_token_id,
+    language_model,
+    lm_head,
+    model_forward_loss,
+    num_image_tokens,
+    parameter_table,
+    projector,
+    splice_patch_embed,
+    verify_trainable,
+    vision_tower,
+)
+from umbrella_ds.model.patch_embed import ModalitySpec, MRIPatchEmbed, parse_modalities
+from umbrella_ds.model.presets import TINY_TOKENIZER_DIR, Preset, get_preset, list_presets
+
+__all__ = [
+    "DEFAULT_MODALITIES",
+    "TINY_TOKENIZER_DIR",
+    "MRIPatchEmbed",
+    "ModalitySpec",
+    "ParamRow",
+    "Preset",
+    "build_model",
+    "check_image_tokens",
+    "count_parameters",
+    "embed_inputs",
+    "enable_activation_checkpointing",
+    "find_patch_embed",
+    "freeze_all_but_patch_embed",
+    "get_preset",
+    "greedy_generate",
+    "image_features",
+    "image_token_id",
+    "language_model",
+    "list_presets",
+    "lm_head",
+    "model_forward_loss",
+    "num_image_tokens",
+    "parameter_table",
+    "parse_modalities",
+    "projector",
+    "splice_patch_embed",
+    "verify_trainable",
+    "vision_tower",
+]

@@ -1,0 +1,131 @@
+"""2 ranks, ZeRO-3, CPU: the `small` preset is built partitioned and one step changes only the
+patch embedding. Rank 0's batch has no rsfMRI image (the configured branch must still run,
+or the ranks would hang gathering different parameters); activation checkpointing is on.
+
+The file is both the pytest test and, run under torchrun, the per-rank worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MODALITIES = ("T1", "rsfMRI")
+
+
+def _worker(out_dir: Path) -> None:
+    import deepspeed
+    import torch
+
+    from umbrella_ds.model import (
+        build_model,
+        find_patch_embed,
+        image_token_id,
+        model_forward_loss,
+        num_image_tokens,
+    )
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": False},
+    }
+    model, _ = build_model(
+        "small",
+        seed=0,
+        zero3_init=lambda: deepspeed.zero.Init(config_dict_or_path=ds_config),
+        activation_checkpointing=(True, True),
+    )
+    params = list(model.named_parameters())
+    plain = [n for n, p in params if not hasattr(p, "ds_numel")]
+    assert not plain, f"not partitioned: {plain}"
+    whole = sum(p.ds_numel for _, p in params)
+    local = sum(p.ds_tensor.numel() for _, p in params)
+    patch_names = {n for n, p in params if p.requires_grad}
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            return {n: p.detach().clone() for n, p in params}
+
+    before = snapshot()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(trainable, lr=1e-2), config=ds_config
+    )
+    engine.train()
+
+    img = image_token_id(model)
+    l_t1, l_rs = num_image_tokens(model, "T1"), num_image_tokens(model, "rsfMRI")
+    g = torch.Generator().manual_seed(rank)
+    seq = [5, 6, *[img] * l_t1, 7]
+    images = {"T1": torch.randn(1, 32, 32, 32, generator=g)}
+    positions = {"T1": torch.arange(2, 2 + l_t1)}
+    if rank == 1:
+        start = len(seq)
+        seq += [*[img] * l_rs, 8]
+        images["rsfMRI"] = torch.randn(1, 32, 32, 32, 8, generator=g)
+        positions["rsfMRI"] = torch.arange(start, start + l_rs)
+    seq += [9, 10, 11]
+    batch = {
+        "input_ids": torch.tensor([seq]),
+        "attention_mask": torch.ones(1, len(seq), dtype=torch.long),
+        "images": images,
+        "image_positions": positions,
+        "loss_positions": torch.tensor([len(seq) - 3, len(seq) - 2]),
+        "loss_targets": torch.tensor([10, 11]),
+    }
+    loss, _ = model_forward_loss(engine.module, batch, 2.0, all_modalities=MODALITIES)
+    engine.backward(loss)
+    engine.step()
+
+    after = snapshot()
+    changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
+    if rank == 0:
+        (out_dir / "result.json").write_text(
+            json.dumps(
+                {
+                    "whole": whole,
+                    "local": local,
+                    "changed": changed,
+                    "patch": sorted(patch_names),
+                    "patch_is_module": sorted(
+                        n for n, _ in find_patch_embed(engine.module).named_parameters()
+                    ),
+                    "loss": float(loss),
+                }
+            )
+        )
+    torch.distributed.barrier()
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_zero3_partitioned_build_trains_only_patch_embedding(tmp_path, repo_root):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(repo_root / ".cache" / "torch_extensions"))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", "29517", __file__, str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=repo_root, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    # per-rank storage about half of the whole model
+    assert 0.45 < res["local"] / res["whole"] < 0.55, res
+    assert res["changed"], "nothing trained"
+    assert set(res["changed"]) == set(res["patch"]), res["changed"]
+    assert len(res["patch"]) == len(res["patch_is_module"]) == 6  # weight, bias, pos per modality
+    assert any("rsfMRI" in n for n in res["changed"])  # rank 1's rsfMRI gradient reached everyone
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))

@@ -1,0 +1,171 @@
+"""build_model: preset or local pretrained directory -> patched, frozen, verified LLaVA + tokenizer.
+
+No code path downloads: pretrained weights and tokenizers come from local directories only
+(`local_files_only=True`). DeepSpeed is never imported here; the training code passes
+`zero3_init` (e.g. `lambda: deepspeed.zero.Init(config_dict_or_path=ds_cfg)`) so large
+random-init models are constructed partitioned. For *pretrained* weights under ZeRO-3 the
+caller must also keep a `transformers.integrations.HfDeepSpeedConfig(ds_config)` alive before
+calling build_model, which is how `from_pretrained` loads straight into partitions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
+from transformers.initialization import no_init_weights
+from transformers.integrations.deepspeed import (
+    initialize_weights_zero3,
+    is_deepspeed_zero3_enabled,
+    prevent_arange_dtype_change,
+)
+
+from umbrella_ds.model.llava import (
+    enable_activation_checkpointing,
+    freeze_all_but_patch_embed,
+    parameter_table,
+    splice_patch_embed,
+)
+from umbrella_ds.model.patch_embed import ModalitySpec, parse_modalities
+from umbrella_ds.model.presets import get_preset, list_presets
+
+log = logging.getLogger(__name__)
+
+# Modalities used when a local directory does not record its own (config.mri_modalities).
+DEFAULT_MODALITIES = {
+    "T1": ModalitySpec(size=(32, 32, 32), patch=(8, 8, 8)),
+    "rsfMRI": ModalitySpec(size=(32, 32, 32, 8), patch=(8, 8, 8, 4)),
+}
+
+
+def _resolve(source: str) -> tuple[str, Path | None]:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory)")
+        return "dir", path
+    if source in list_presets():
+        return "preset", None
+    raise ValueError(
+        f"model source {source!r} is neither a preset ({list_presets()}) nor a local model directory"
+    )
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def build_model(
+    source: str,
+    *,
+    modalities: Mapping[str, ModalitySpec | Mapping[str, object]] | None = None,
+    init: Literal["random", "pretrained"] | None = None,
+    dtype: torch.dtype = torch.float32,
+    zero3_init: Callable[[], AbstractContextManager] | None = None,
+    activation_checkpointing: tuple[bool, bool] = (False, False),
+    seed: int | None = None,
+    attn_implementation: str = "sdpa",
+) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase | None]:
+    """Build the patched LLaVA and its tokenizer.
+
+    source: a preset name (`list_presets()`) or a local directory with config.json (+ weights).
+    init: "random" (default for presets) or "pretrained" (default for directories; bf16 unless
+        `dtype` says otherwise... callers pass dtype explicitly). A preset cannot be pretrained.
+    modalities: MRI inputs of the patch embedding; default: the preset's, or the directory's
+        `config.mri_modalities`, else DEFAULT_MODALITIES.
+    zero3_init: factory of the context that constructs modules partitioned (deepspeed.zero.Init);
+        the spliced patch embedding is created inside it too.
+    activation_checkpointing: (vision tower, language model), non-reentrant.
+    seed: seeds the random initialisation without touching the caller's global RNG state.
+
+    Returns (model, tokenizer). The tokenizer is None for real architectures built randomly
+    from a preset (their tokenizer ships with their weights; benchmarks feed token ids).
+    """
+    kind, path = _resolve(source)
+    init = init or ("random" if kind == "preset" else "pretrained")
+    if init not in ("random", "pretrained"):
+        raise ValueError(f"init must be 'random' or 'pretrained', got {init!r}")
+    tokenizer: PreTrainedTokenizerBase | None = None
+    if kind == "preset":
+        if init == "pretrained":
+            raise ValueError(
+                f"preset {source!r} ships no weights: pass a local directory holding them for init='pretrained'"
+            )
+        preset = get_preset(source)
+        config = preset.make_config()
+        default_mods = preset.modalities
+        if preset.tokenizer_dir is not None:
+            tokenizer = _load_tokenizer(preset.tokenizer_dir)
+        else:
+            log.info("preset %s ships no tokenizer: returning tokenizer=None", source)
+    else:
+        assert path is not None
+        config = LlavaConfig.from_pretrained(str(path), local_files_only=True)
+        default_mods = getattr(config, "mri_modalities", None) or DEFAULT_MODALITIES
+        if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+            tokenizer = _load_tokenizer(path)
+        else:
+            log.warning("%s has no tokenizer files: returning tokenizer=None", path)
+    mods = parse_modalities(modalities if modalities is not None else default_mods)
+    config._attn_implementation = attn_implementation  # read by from_pretrained/_from_config
+
+    # HF partitions by itself when a HfDeepSpeedConfig is alive; otherwise, for a random init
+    # under our zero3_init, do what HF does: skip per-module init on the (empty) partitions,
+    # then initialise module by module on gathered parameters.
+    manual_zero3 = zero3_init is not None and init == "random" and not is_deepspeed_zero3_enabled()
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        with contextlib.ExitStack() as stack:
+            if manual_zero3:
+                stack.enter_context(no_init_weights())
+                stack.enter_context(prevent_arange_dtype_change())
+            if zero3_init is not None and (manual_zero3 or init == "random"):
+                stack.enter_context(zero3_init())
+            if init == "pretrained":
+                model = LlavaForConditionalGeneration.from_pretrained(
+                    str(path),
+                    config=config,
+                    dtype=dtype,
+                    low_cpu_mem_usage=True,
+                    local_files_only=True,
+                )
+            else:
+                model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        if manual_zero3:
+            initialize_weights_zero3(model)
+        with zero3_init() if zero3_init is not None else contextlib.nullcontext():
+            splice_patch_embed(model, mods)
+    freeze_all_but_patch_embed(model)
+    if any(activation_checkpointing):
+        enable_activation_checkpointing(model, *activation_checkpointing)
+    _, table = parameter_table(model)
+    log.info("model %s (%s init), parameters:\n%s", source, init, table)
+    return model, tokenizer
+
+
+def count_parameters(source: str, *, patched: bool = False) -> int:
+    """Total parameters of a preset's architecture, built on the meta device (no memory).
+
+    patched=False counts the published architecture (original 2D patch embedding), which is
+    what published totals refer to; patched=True counts the model as trained here.
+    """
+    preset = get_preset(source)
+    config = preset.make_config()
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+        if patched:
+            splice_patch_embed(model, preset.modalities)
+    return sum(p.numel() for p in model.parameters())
