@@ -1,0 +1,206 @@
+"""InstructionDataset: rendered tasks + images read from the shards, with seeded augmentation.
+
+Items are addressed by ``(epoch, index)`` (what ResumableSampler yields); a plain int means epoch 0.
+All randomness of an item (rsfMRI window start, flip axes) comes from a numpy Generator seeded by
+(seed, epoch, index), so an item is the same whatever the number of workers, ranks or resumes.
+
+Shards are opened lazily, inside the process that first reads (each DataLoader worker opens its
+own after the fork). `shards` may also be an already opened reader object (duck-typed: `read`,
+`read_window`, `num_frames`), which tests use.
+
+rsfMRI windows of `rsfmri_length` frames:
+- ``windows="random"``: training draws a start from {0, stride, 2*stride, ...} up to the last start
+  that fits; evaluation uses start 0 (the predecessor's first window), so eval items are fixed.
+- ``windows="first"``: start 0 always.
+- ``windows="non_overlapping"``: the predecessor's windows [k*L, (k+1)*L). Each task then becomes
+  one item per window, so ``len(dataset)`` is the sum over tasks of the number of whole windows
+  (the minimum over the task's rsfMRI images; tasks without rsfMRI keep one item). This needs the
+  frame counts when the dataset is built, read from the shard index in the building process.
+
+Flip: in training with flip=True each spatial axis of each image is flipped with probability 1/2;
+never in evaluation.
+
+Samples longer than the renderer's max_length are handled when the dataset is built (tokens do
+not depend on randomness): rejected tasks are dropped and counted in `num_rejected`, truncated
+ones counted in `num_truncated`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .instructions import Task
+from .render import EvalSample, RenderedSample, Renderer, SampleTooLongError
+
+WindowMode = Literal["random", "non_overlapping", "first"]
+
+
+def _open_shards(path: Path):
+    from umbrella_ds.shards import open_dataset  # imported late: only processes that read need it
+
+    return open_dataset(path)
+
+
+class InstructionDataset:
+    """Map-style dataset over `(epoch, index)`; see the module docstring for the policies."""
+
+    def __init__(
+        self,
+        tasks: Sequence[Task],
+        shards: str | Path | Any,
+        renderer: Renderer,
+        *,
+        train: bool,
+        seed: int,
+        rsfmri_length: int,
+        window_stride: int = 1,
+        windows: WindowMode = "random",
+        flip: bool = True,
+    ) -> None:
+        if windows not in ("random", "non_overlapping", "first"):
+            raise ValueError(f"windows must be random, non_overlapping or first, got {windows!r}")
+        if rsfmri_length < 1 or window_stride < 1:
+            raise ValueError(
+                f"rsfmri_length and window_stride must be >= 1, got {rsfmri_length}, {window_stride}"
+            )
+        self.train = bool(train)
+        self.seed = int(seed)
+        self.rsfmri_length = int(rsfmri_length)
+        self.window_stride = int(window_stride)
+        self.windows = windows
+        self.flip = bool(flip) and self.train
+        self.renderer = renderer
+        if isinstance(shards, (str, os.PathLike)):
+            self._shards_path: Path | None = Path(shards)
+            self._shards = None
+        else:
+            self._shards_path = None
+            self._shards = shards
+        self._shards_pid = os.getpid()
+
+        self.tasks: list[Task] = []
+        self._rendered: list[RenderedSample] = []
+        self._eval: list[EvalSample | None] = []
+        self.num_rejected = 0
+        self.num_truncated = 0
+        self.rejected_task_ids: list[str] = []
+        for task in tasks:
+            try:
+                rendered = renderer.render_train(task)
+                ev = None if self.train else renderer.render_eval(task)
+            except SampleTooLongError:
+                self.num_rejected += 1
+                self.rejected_task_ids.append(task.task_id)
+                continue
+            self.num_truncated += int(rendered.truncated)
+            self.tasks.append(task)
+            self._rendered.append(rendered)
+            self._eval.append(ev)
+
+        # items: (task number, window number); window number is only used by non_overlapping.
+        if windows == "non_overlapping":
+            self._items = self._window_items()
+        else:
+            self._items = [(t, 0) for t in range(len(self.tasks))]
+
+    # -- shards ----------------------------------------------------------------------------------
+
+    @property
+    def shards(self):
+        """The reader for this process (reopened after a fork if a path was given)."""
+        if self._shards_path is None:
+            return self._shards
+        if self._shards is None or self._shards_pid != os.getpid():
+            self._shards = _open_shards(self._shards_path)
+            self._shards_pid = os.getpid()
+        return self._shards
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned workers and pickling never carry an open reader made from a path.
+        state = dict(self.__dict__)
+        if self._shards_path is not None:
+            state["_shards"] = None
+        return state
+
+    def _window_items(self) -> list[tuple[int, int]]:
+        reader = self.shards if self._shards_path is None else _open_shards(self._shards_path)
+        items = []
+        for t, task in enumerate(self.tasks):
+            counts = [
+                self._num_windows(reader.num_frames(im.subject_id), im.subject_id, task)
+                for im in task.images
+                if im.modality == "rsfMRI"
+            ]
+            n = min(counts) if counts else 1
+            items.extend((t, k) for k in range(n))
+        return items
+
+    def _num_windows(self, frames: int, subject: str, task: Task) -> int:
+        if frames < self.rsfmri_length:
+            raise ValueError(
+                f"task {task.task_id!r}: subject {subject} has {frames} rsfMRI frames, fewer than "
+                f"the window length {self.rsfmri_length}"
+            )
+        return frames // self.rsfmri_length
+
+    # -- items -----------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def window_start(self, task: Task, subject: str, window: int, rng: np.random.Generator) -> int:
+        frames = int(self.shards.num_frames(subject))
+        length = self.rsfmri_length
+        if frames < length:
+            raise ValueError(
+                f"task {task.task_id!r}: subject {subject} has {frames} rsfMRI frames, fewer than "
+                f"the window length {length}"
+            )
+        if self.windows == "non_overlapping":
+            return window * length
+        if self.windows == "first" or not self.train:
+            return 0
+        n_starts = (frames - length) // self.window_stride + 1
+        return int(rng.integers(n_starts)) * self.window_stride
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        t, window = self._items[index]
+        task = self.tasks[t]
+        rng = np.random.default_rng([self.seed, int(epoch), int(index)])
+        images: list[tuple[str, np.ndarray]] = []
+        starts: list[int | None] = []
+        for im in task.images:
+            if im.modality == "rsfMRI":
+                start = self.window_start(task, im.subject_id, window, rng)
+                arr = self.shards.read_window(im.subject_id, "rsfMRI", start, self.rsfmri_length)
+                starts.append(start)
+            else:
+                arr = self.shards.read(im.subject_id, im.modality)
+                starts.append(None)
+            if self.flip:
+                axes = tuple(int(a) for a in np.flatnonzero(rng.random(3) < 0.5))
+                if axes:
+                    arr = np.ascontiguousarray(np.flip(arr, axis=axes))
+            images.append((im.modality, arr))
+        rendered = self._rendered[t]
+        item: dict[str, Any] = {
+            "input_ids": rendered.input_ids,
+            "labels": rendered.labels,
+            "images": images,
+            "task_id": task.task_id,
+            "task_type": task.task_type,
+            "subject_ids": [im.subject_id for im in task.images],
+            "metadata": task.metadata,
+            "window_start": starts,
+        }
+        ev = self._eval[t]
+        if ev is not None:
+            item["prompt_ids"] = ev.prompt_ids
+            item["target_text"] = ev.target_text
+        return item
