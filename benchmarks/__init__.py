@@ -1,0 +1,1 @@
+"""Reproducible benchmarks. Each writes benchmarks/results/<name>.json; `make bench` renders the table."""

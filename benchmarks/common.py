@@ -1,0 +1,169 @@
+"""What every benchmark shares: the machine it ran on, medians, and one JSON result per benchmark.
+
+Benchmarks measure and never assert. Figures that compare two paths are measured side by side in
+one run, so the ratio holds for the machine named in the result even when absolute times drift.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count and GPU (if any): enough to know which figures are comparable."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version()}
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn` over `repeats` calls after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_result(name: str, config: dict[str, Any], figures: dict[str, Any], **extra: Any) -> Path:
+    """Write benchmarks/results/<name>.json: name, machine, config, figures (units in the keys)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    record = {"name": name, "machine": machine(), "config": config, "figures": figures, **extra}
+    path = RESULTS_DIR / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------- multi-process runs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bench_env(**extra: str) -> dict[str, str]:
+    """Environment of the processes a benchmark starts: CPU DeepSpeed, cached JIT builds,
+    one intra-op thread per rank (ranks are processes already), no hub access."""
+    env = dict(os.environ)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def deepspeed_cmd(script: Path | str, args: list[str], ranks: int) -> list[str]:
+    """`deepspeed --num_gpus N` on a free port (with DS_ACCELERATOR=cpu: N CPU ranks), started
+    as a module of this interpreter so it works wherever DeepSpeed is importable."""
+    return [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+        "--master_port", str(free_port()), str(script), *args,
+    ]  # fmt: skip
+
+
+def run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> float:
+    """Run `cmd` from the repository root with output to `log`; wall seconds. A failure raises
+    naming the log and quoting its tail, so a broken run is never reported as a figure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            proc = subprocess.run(
+                cmd, cwd=REPO, env=env or bench_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"{cmd[:4]}... timed out after {timeout:.0f} s; log: {log}") from exc
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+        raise RuntimeError(f"{' '.join(map(str, cmd[:6]))}... exited {proc.returncode}; log {log}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def synth_and_pack(
+    root: Path,
+    subjects: int,
+    t1_source: tuple[int, int, int],
+    t1_size: tuple[int, int, int],
+    frames: int = 4,
+    rsfmri_shape: tuple[int, int, int] = (24, 28, 24),
+    rsfmri_size: tuple[int, int, int] | None = None,
+    modalities: tuple[str, ...] = ("T1",),
+    workers: int = 1,
+) -> tuple[Path, Path]:
+    """`umbrella-pack synth` + `build` into root/raw and root/shards (quietly); returns both."""
+    import contextlib
+    import io
+
+    from data_prep.pack import BuildOptions, build
+    from data_prep.synth import synth
+
+    raw, shards = root / "raw", root / "shards"
+    with contextlib.redirect_stdout(io.StringIO()):
+        synth(raw, subjects, 0, tuple(t1_source), frames, tuple(rsfmri_shape))
+        status = build(
+            BuildOptions(
+                manifest=raw / "manifest.csv",
+                out=shards,
+                modalities=list(modalities),
+                t1_size=tuple(t1_size),
+                rsfmri_size=tuple(rsfmri_size or rsfmri_shape),
+                workers=workers,
+                subjects_per_shard=max(1, -(-subjects // max(1, workers))),
+                progress=False,
+            )
+        )
+    if status != 0:
+        raise RuntimeError(f"packing {raw} into {shards} exited {status}")
+    return raw, shards
+
+
+def repeat_tasks(src: Path, dst: Path, copies: int) -> int:
+    """A JSONL with every task of `src` repeated `copies` times under distinct task ids, so a
+    few (large) synthetic subjects still fill many optimizer steps per epoch."""
+    lines = [line for line in src.read_text().splitlines() if line.strip()]
+    with open(dst, "w") as f:
+        for k in range(copies):
+            for line in lines:
+                task = json.loads(line)
+                task["task_id"] = f"{task['task_id']}_rep{k}"
+                f.write(json.dumps(task) + "\n")
+    return len(lines) * copies

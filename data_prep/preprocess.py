@@ -1,0 +1,198 @@
+"""Preprocessing shared by packing and inference: resize, normalise, float16 range check.
+
+The formulas are specified in docs/FORMAT.md. ``preprocess_t1`` / ``preprocess_rsfmri`` take the
+``preprocessing`` dict a packed dataset records (``ds.preprocessing``), so a new raw scan at
+inference goes through exactly what the training data went through.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_prep.readers import InputRejected, Source, read_nifti, read_rsfmri
+
+T1_NORMS = ("zscore", "none")
+RSFMRI_NORMS = ("znorm_minback", "znorm_zeroback", "minmax", "none")
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+RESIZE_METHOD = "area_down_trilinear_up"
+# Frames resized per call: bounds memory for long series at real grid sizes.
+FRAMES_PER_BATCH = 16
+
+
+def make_params(
+    t1_size: tuple[int, int, int] | None,
+    rsfmri_size: tuple[int, int, int] | None,
+    t1_norm: str = "zscore",
+    rsfmri_norm: str = "znorm_minback",
+) -> dict[str, Any]:
+    """The preprocessing record stored in every shard and in index.json."""
+    params: dict[str, Any] = {}
+    if t1_size is not None:
+        if t1_norm not in T1_NORMS:
+            raise ValueError(f"T1 normalisation {t1_norm!r}: choose one of {T1_NORMS}")
+        params["T1"] = {
+            "size": [int(x) for x in t1_size],
+            "reorient": "closest_canonical_RAS+",
+            "resize": RESIZE_METHOD,
+            "norm": t1_norm,
+            "ddof": 0,
+        }
+    if rsfmri_size is not None:
+        if rsfmri_norm not in RSFMRI_NORMS:
+            raise ValueError(f"rsfMRI normalisation {rsfmri_norm!r}: choose one of {RSFMRI_NORMS}")
+        params["rsfMRI"] = {
+            "size": [int(x) for x in rsfmri_size],
+            "reorient": "closest_canonical_RAS+ (frame folders taken as canonical)",
+            "resize": RESIZE_METHOD,
+            "norm": rsfmri_norm,
+            "background": "raw value == 0",
+            "stats": "global_stats.pt for frame folders that have it, else per subject",
+            "ddof": 0,
+        }
+    return params
+
+
+def resize(vol: np.ndarray, size: tuple[int, ...] | list[int]) -> np.ndarray:
+    """Resize the last three axes to ``size`` (float32 in, float32 out).
+
+    Axes that shrink use area interpolation (mean over each output cell's input region,
+    ``adaptive_avg_pool3d``, as MONAI's ``mode="area"``); axes that grow then use trilinear
+    interpolation with ``align_corners=False``. Unchanged axes pass through exactly.
+    """
+    size = tuple(int(s) for s in size)
+    src = tuple(vol.shape[-3:])
+    if src == size:
+        return np.ascontiguousarray(vol, dtype=np.float32)
+    lead = vol.shape[:-3]
+    x = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32)).reshape(-1, 1, *src)
+    mid = tuple(min(a, b) for a, b in zip(src, size))
+    if mid != src:
+        x = F.adaptive_avg_pool3d(x, mid)
+    if mid != size:
+        x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+    return x.reshape(*lead, *size).numpy()
+
+
+def to_float16(x: np.ndarray) -> np.ndarray:
+    """Cast after normalisation; a value that would overflow float16 rejects the input."""
+    if not np.isfinite(x).all():
+        raise InputRejected("NaN/Inf values after normalisation")
+    peak = float(np.abs(x).max()) if x.size else 0.0
+    if peak > FLOAT16_MAX:
+        raise InputRejected(f"float16 overflow after normalisation (max |x| = {peak:.6g})")
+    return x.astype(np.float16)
+
+
+def normalise_t1(vol: np.ndarray, norm: str) -> tuple[np.ndarray, dict[str, float]]:
+    """z-score over the whole (resized) volume, ddof 0; a constant volume is rejected."""
+    mean = float(vol.mean(dtype=np.float64))
+    std = float(vol.std(dtype=np.float64))
+    if std == 0.0 or not np.isfinite(std):
+        raise InputRejected("constant volume")
+    if norm == "none":
+        return vol, {"mean": mean, "std": std}
+    return (vol - np.float32(mean)) / np.float32(std), {"mean": mean, "std": std}
+
+
+def rsfmri_stats(data: np.ndarray) -> dict[str, float]:
+    """Statistics of the non-background (raw != 0) voxels of the whole series, ddof 0.
+
+    The same function computes the per-subject statistics for 4D NIfTI and (in ``synth``) the
+    ``global_stats.pt`` of frame folders, which is why the two forms pack to equal arrays.
+    """
+    fg = data[data != 0]
+    if fg.size == 0:
+        raise InputRejected("empty image: every voxel is background (0)")
+    mean = float(fg.mean(dtype=np.float64))
+    std = float(fg.std(dtype=np.float64))
+    if std == 0.0:
+        raise InputRejected("constant volume")
+    return {
+        "global_mean": mean,
+        "global_std": std,
+        "global_max": float(fg.max()),
+        "valid_voxels": float(fg.size),
+    }
+
+
+def normalise_rsfmri(data: np.ndarray, norm: str, stats: dict[str, float]) -> np.ndarray:
+    """Apply one of the predecessor's modes (see FORMAT.md) at source resolution."""
+    if norm == "none":
+        return data
+    if norm == "minmax":
+        peak = stats["global_max"]
+        if peak <= 0:
+            raise InputRejected(f"minmax normalisation needs global_max > 0, got {peak}")
+        return data / np.float32(peak)
+    mean, std = np.float32(stats["global_mean"]), np.float32(stats["global_std"])
+    if std <= 0:
+        raise InputRejected(f"constant volume (global_std = {stats['global_std']})")
+    z = (data - mean) / std
+    if norm == "znorm_zeroback":
+        z[data == 0] = 0.0
+    elif norm != "znorm_minback":
+        raise ValueError(f"unknown rsfMRI normalisation {norm!r}")
+    return z
+
+
+def t1_from_source(src: Source, params: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Canonical T1 source -> (D,H,W) float16 on the target grid, plus the statistics used."""
+    p = params["T1"]
+    vol = resize(src.data, p["size"])
+    vol, stats = normalise_t1(vol, p["norm"])
+    return to_float16(vol), {"stats": stats}
+
+
+def rsfmri_from_source(src: Source, params: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Canonical rsfMRI source (T,X,Y,Z) -> (T,D,H,W) float16, plus the statistics used."""
+    p = params["rsfMRI"]
+    if src.global_stats is not None:
+        stats, origin = dict(src.global_stats), "global_stats.pt"
+    else:
+        stats, origin = rsfmri_stats(src.data), "per_subject"
+    out = np.empty((src.data.shape[0], *p["size"]), dtype=np.float16)
+    for t0 in range(0, src.data.shape[0], FRAMES_PER_BATCH):
+        chunk = normalise_rsfmri(src.data[t0 : t0 + FRAMES_PER_BATCH], p["norm"], stats)
+        out[t0 : t0 + FRAMES_PER_BATCH] = to_float16(resize(chunk, p["size"]))
+    return out, {"stats": stats, "stats_source": origin}
+
+
+def _as_source(image: Any, ndim: int) -> Source:
+    if isinstance(image, Source):
+        return image
+    if isinstance(image, str | Path):
+        return read_nifti(Path(image), ndim) if ndim == 3 else read_rsfmri(Path(image))
+    if isinstance(image, nib.spatialimages.SpatialImage):
+        canon = nib.as_closest_canonical(image)
+        data = canon.get_fdata(dtype=np.float32)
+        if ndim == 3 and data.ndim == 4 and data.shape[3] == 1:
+            data = data[..., 0]
+        if data.ndim != ndim:
+            raise InputRejected(f"wrong dimensionality: {data.ndim}D, expected {ndim}D")
+        if ndim == 4:
+            data = np.ascontiguousarray(np.moveaxis(data, -1, 0))
+        return Source(data, "<in-memory>", "", list(image.shape), [], canon.affine.tolist(), "")
+    raise TypeError(f"expected a nibabel image, a path or a Source, got {type(image).__name__}")
+
+
+def preprocess_t1(image: Any, params: dict[str, Any]) -> np.ndarray:
+    """Raw T1 (nibabel image or path) -> (D,H,W) float16 exactly as packing stores it.
+
+    ``params`` is ``ds.preprocessing`` of a packed dataset (or :func:`make_params`).
+    """
+    return t1_from_source(_as_source(image, 3), params)[0]
+
+
+def preprocess_rsfmri(image: Any, params: dict[str, Any]) -> np.ndarray:
+    """Raw rsfMRI (4D nibabel image, NIfTI path or frame folder) -> (D,H,W,T) float16.
+
+    Returns the reader's layout (time last), as ``ds.read_window`` does.
+    """
+    frames_tdhw = rsfmri_from_source(_as_source(image, 4), params)[0]
+    return np.moveaxis(frames_tdhw, 0, -1)

@@ -1,0 +1,196 @@
+"""Shard format: writer determinism, reader API, lazy per-process files, integrity checks."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from umbrella_ds import shards
+from umbrella_ds.shards import ShardError, ShardWriter, build_index, open_dataset, write_index
+
+SHAPES = {"T1": (8, 8, 8), "rsfMRI": (4, 4, 4)}
+FRAMES = [11, 5, 20, 9, 13]
+
+
+def _write(out: Path, compression: str = "none", per_shard: int = 2) -> dict[str, np.ndarray]:
+    """Five subjects over three shards; subject 3 lacks rsfMRI. Returns the arrays written."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    truth: dict[str, np.ndarray] = {}
+    records = []
+    for k in range(3):
+        w = ShardWriter(out, k, SHAPES, compression, {"T1": {"size": [8, 8, 8]}}, job=f"job{k}")
+        for pos in range(k * per_shard, min(5, (k + 1) * per_shard)):
+            sid = f"S{pos}"
+            vols = {"T1": rng.standard_normal(SHAPES["T1"]).astype(np.float16)}
+            truth[f"{sid}/T1"] = vols["T1"]
+            if pos != 3:
+                vols["rsfMRI"] = rng.standard_normal((FRAMES[pos], *SHAPES["rsfMRI"])).astype(
+                    np.float16
+                )
+                truth[f"{sid}/rsfMRI"] = vols["rsfMRI"]
+            w.add_subject(
+                sid, pos, {"sex": 1 + pos % 2, "age": 100 + pos}, vols, {"T1": {"source": "x"}}
+            )
+        if k == 2:
+            w.add_rejection("S5", "T1", "/x.nii.gz", "missing file")
+        records.append(w.close())
+    write_index(out, build_index(records, shapes=SHAPES, preprocessing={"T1": {"size": [8, 8, 8]}},
+                                 compression=compression, subjects_per_shard=per_shard))  # fmt: skip
+    return truth
+
+
+@pytest.fixture
+def packed(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    out = tmp_path / "ds"
+    return out, _write(out)
+
+
+def test_reader_api(packed: tuple[Path, dict[str, np.ndarray]]) -> None:
+    out, truth = packed
+    ds = open_dataset(out)
+    assert ds.subjects == ["S0", "S1", "S2", "S3", "S4"]
+    assert ds.modalities == ["T1", "rsfMRI"]
+    assert ds.shape("T1") == (8, 8, 8) and ds.shape("rsfMRI") == (4, 4, 4)
+    assert ds.has("S3", "T1") and not ds.has("S3", "rsfMRI") and not ds.has("nobody", "T1")
+    assert ds.phenotypes("S4") == {"sex": 1, "age": 104}
+    assert ds.preprocessing == {"T1": {"size": [8, 8, 8]}}
+    assert [s["shard"] for s in ds.index["subjects"]] == [0, 0, 1, 1, 2]
+    for sid in ds.subjects:
+        t1 = ds.read(sid, "T1")
+        assert t1.dtype == np.float16 and t1.shape == (8, 8, 8)
+        np.testing.assert_array_equal(t1, truth[f"{sid}/T1"])
+        if sid == "S3":
+            continue
+        n = ds.num_frames(sid)
+        assert n == FRAMES[int(sid[1])]
+        win = ds.read_window(sid, "rsfMRI", 1, n - 2)
+        assert win.shape == (4, 4, 4, n - 2) and win.dtype == np.float16
+        np.testing.assert_array_equal(win, np.moveaxis(truth[f"{sid}/rsfMRI"][1 : n - 1], 0, -1))
+        np.testing.assert_array_equal(
+            ds.read(sid, "rsfMRI"), np.moveaxis(truth[f"{sid}/rsfMRI"], 0, -1)
+        )
+    with pytest.raises(IndexError):
+        ds.read_window("S0", "rsfMRI", 5, 7)
+    with pytest.raises(KeyError, match="no rsfMRI"):
+        ds.num_frames("S3")
+    with pytest.raises(KeyError, match="unknown subject"):
+        ds.read("nobody", "T1")
+    ds.check()
+    assert shards.verify(out) == []
+
+
+def test_storage_layout(packed: tuple[Path, dict[str, np.ndarray]]) -> None:
+    out, _ = packed
+    with h5py.File(out / "shard-00000.h5") as f:
+        t1, rs = f[shards.DS_T1], f[shards.DS_RS_FRAMES]
+        assert t1.chunks == (1, 8, 8, 8) and t1.fletcher32 and t1.dtype == np.float16
+        assert rs.chunks == (shards.FRAMES_PER_CHUNK, 4, 4, 4) and rs.fletcher32
+        assert list(f[shards.DS_RS_OFFSETS][()]) == [0, 11, 16]
+    assert (out / "index.json").read_text().count(
+        '"reason": "missing file"'
+    ) == 0  # lives in rejected.csv
+    assert open_dataset(out).index["num_rejections"] == 1
+
+
+@pytest.mark.parametrize("compression", ["none", "lzf", "gzip"])
+def test_writes_are_byte_identical(tmp_path: Path, compression: str) -> None:
+    _write(tmp_path / "a", compression)
+    _write(tmp_path / "b", compression)
+    for name in ["shard-00000.h5", "shard-00001.h5", "shard-00002.h5", "index.json"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert open_dataset(tmp_path / "a").fingerprint == open_dataset(tmp_path / "b").fingerprint
+
+
+def test_failed_shard_leaves_no_file(tmp_path: Path) -> None:
+    w = ShardWriter(tmp_path, 0, SHAPES, "none", {}, job="j")
+    with pytest.raises(ValueError, match="shape"):
+        w.add_subject("S0", 0, {}, {"T1": np.zeros((4, 4, 4), np.float16)}, {})
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_catches_truncated_and_modified_shards(
+    packed: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    out, _ = packed
+    trunc = tmp_path / "trunc"
+    shutil.copytree(out, trunc)
+    p = trunc / "shard-00001.h5"
+    p.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(ShardError, match=r"shard-00001\.h5.*size"):
+        open_dataset(trunc).check()
+    mod = tmp_path / "mod"
+    shutil.copytree(out, mod)
+    p = mod / "shard-00002.h5"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    p.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"shard-00002\.h5.*stamp"):
+        open_dataset(mod).check()
+    (mod / "shard-00002.h5").unlink()
+    with pytest.raises(ShardError, match=r"shard-00002\.h5: shard missing"):
+        open_dataset(mod).check()
+    assert any("shard-00002.h5" in p for p in shards.verify(mod))
+
+
+def test_fletcher32_catches_chunk_damage_on_read(
+    packed: tuple[Path, dict[str, np.ndarray]],
+) -> None:
+    out, _ = packed
+    path = out / "shard-00001.h5"
+    with h5py.File(path) as f:
+        offset = f[shards.DS_T1].id.get_chunk_info(1).byte_offset
+    with open(path, "r+b") as f:
+        f.seek(offset + 10)
+        b = f.read(1)
+        f.seek(offset + 10)
+        f.write(bytes([b[0] ^ 0xFF]))
+    ds = open_dataset(out)
+    ds.read("S2", "T1")  # the other chunk is intact
+    with pytest.raises(ShardError, match=r"shard-00001\.h5"):
+        ds.read("S3", "T1")
+
+
+def _child_read(ds: shards.ShardDataset, q: mp.Queue) -> None:
+    arr = ds.read("S4", "T1")
+    q.put((len(ds._files), ds._pid == __import__("os").getpid(), arr.tobytes()))
+
+
+@pytest.mark.timeout(60)
+def test_files_open_lazily_and_reopen_after_fork(
+    packed: tuple[Path, dict[str, np.ndarray]],
+) -> None:
+    out, truth = packed
+    ds = open_dataset(out)
+    assert ds._files == {}  # nothing opened by open_dataset
+    ds.read("S4", "T1")
+    assert set(ds._files) == {2}
+    parent_handle = ds._files[2]
+    for method in ("fork", "spawn"):
+        q = mp.get_context(method).Queue()
+        p = mp.get_context(method).Process(target=_child_read, args=(ds, q))
+        p.start()
+        n_files, pid_ok, data = q.get(timeout=50)
+        p.join(50)
+        assert p.exitcode == 0
+        assert n_files == 1 and pid_ok
+        assert data == truth["S4/T1"].tobytes()
+    assert ds._files[2] is parent_handle and parent_handle.id.valid  # parent unaffected
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._files == {}
+    np.testing.assert_array_equal(clone.read("S0", "T1"), truth["S0/T1"])
+
+
+def test_open_dataset_errors(tmp_path: Path) -> None:
+    with pytest.raises(ShardError, match=r"index\.json"):
+        open_dataset(tmp_path)
+    (tmp_path / "index.json").write_text('{"format": "umbrella-shards", "format_version": 99}')
+    with pytest.raises(ShardError, match="format version 99"):
+        open_dataset(tmp_path)
