@@ -32,7 +32,7 @@ $(STAMP): setup.cfg pyproject.toml | system-deps
 	touch $(STAMP)
 
 demo-data: $(STAMP)
-	$(BIN)/umbrella-pack synth --out $(DEMO_DATA)/raw --subjects 96 --seed 0
+	$(BIN)/umbrella-pack synth --out $(DEMO_DATA)/raw --subjects 400 --seed 0
 	$(BIN)/umbrella-pack build --manifest $(DEMO_DATA)/raw/manifest.csv --out $(DEMO_DATA)/shards --modalities T1 --t1-size 32 32 32 --workers 2 --resume
 
 demo: demo-data

@@ -1,0 +1,153 @@
+"""Run config: every shipped YAML and DeepSpeed JSON loads; errors name the key; fingerprints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from umbrella_ds.config import DS_STAGES, ConfigError, RunConfig, load_config
+from umbrella_ds.train.ds_setup import lr_lambda, resolve_ds_config
+from umbrella_ds.train.env import discover
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_yaml_loads_and_resolves(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    world = cfg.train.global_batch // cfg.train.micro_batch  # one micro-batch per rank
+    ds = resolve_ds_config(cfg.train, world)
+    assert ds["train_batch_size"] == cfg.train.global_batch
+    assert ds["gradient_accumulation_steps"] == 1
+
+
+@pytest.mark.parametrize("stage", DS_STAGES)
+def test_ds_configs_resolve_every_auto(stage):
+    cfg = load_config(
+        None, [f"train.deepspeed={stage}", "train.global_batch=32", "train.micro_batch=4"]
+    )
+    ds = resolve_ds_config(cfg.train, world_size=2)
+    assert "auto" not in repr(ds)
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["optimizer"]["params"]["lr"] == cfg.train.lr
+    assert ds["gradient_clipping"] == cfg.train.clip
+    assert ds["bf16"]["enabled"] is True
+    assert ds["zero_optimization"]["stage"] == (
+        1 if stage == "zero1" else 2 if stage == "zero2" else 3
+    )
+
+
+def test_demo_yaml_is_what_make_demo_needs():
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    assert cfg.model.preset == "tiny" and list(cfg.model.modalities) == ["T1"]
+    assert cfg.train.deepspeed == "zero2"
+    assert cfg.train.accumulation(2) >= 1
+    assert cfg.output_dir == str((Path.cwd() / "runs" / "demo").resolve())  # relative to cwd
+
+
+def test_overrides_types_and_several_pairs():
+    cfg = load_config(
+        None,
+        [
+            "train.max_steps=7",
+            "train.lr=3e-4",  # PyYAML reads this as a string; still a number here
+            "model.modalities.T1.patch=[4, 4, 4]",
+            "data.train=a.jsonl",
+            "checkpoint.keep_best=null",
+            "eval.max_samples=5",
+        ],
+    )
+    assert cfg.train.max_steps == 7 and cfg.train.lr == 3e-4
+    assert cfg.model.modalities["T1"].size == [32, 32, 32]  # kept from the default
+    assert cfg.model.modalities["T1"].patch == [4, 4, 4]
+    assert cfg.data.train == [str(Path("a.jsonl").resolve())]
+    assert cfg.checkpoint.keep_best is None and cfg.eval.max_samples == 5
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("train.max_step=3", "train.max_step"),
+        ("trian.max_steps=3", "trian"),
+        ("train.max_steps=abc", "train.max_steps"),
+        ("train.max_steps=1.5", "train.max_steps"),
+        ("train.bf16=yes please", "train.bf16"),
+        ("train.compile=all", "train.compile"),
+        ("train.deepspeed=zero4", "train.deepspeed"),
+        ("train.lr=-1", "train.lr"),
+        ("train.global_batch=10", "train.global_batch"),  # not a multiple of micro_batch 8
+        ("model.modalities.T1.patch=[5, 5, 5]", "model.modalities.T1"),
+        ("model.modalities.DWI.size=[8, 8, 8]", "model.modalities.DWI"),
+        ("data.overflow=cut", "data.overflow"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+        ("output_dir", "output_dir"),
+    ],
+)
+def test_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_yaml_unknown_key_names_file_key(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("train:\n  max_steps: 3\n  lr_schedule: cosine\n")
+    with pytest.raises(ConfigError, match=r"train\.lr_schedule"):
+        load_config(p)
+
+
+def test_accumulation_must_divide():
+    cfg = load_config(None, ["train.global_batch=16", "train.micro_batch=8"])
+    assert cfg.train.accumulation(1) == 2 and cfg.train.accumulation(2) == 1
+    with pytest.raises(ConfigError, match="global_batch"):
+        cfg.train.accumulation(3)
+
+
+def test_fingerprint_ignores_extension_and_cadence_only():
+    base = load_config(None, [])
+    same = load_config(
+        None,
+        ["train.max_steps=99999", "output_dir=/elsewhere", "log.every_steps=5",
+         "eval.every_steps=7", "checkpoint.every_steps=3", "checkpoint.keep_last=9"],
+    )  # fmt: skip
+    assert same.fingerprint() == base.fingerprint()
+    for change in ("train.lr=1e-3", "train.seed=1", "train.global_batch=32", "model.preset=small"):
+        assert load_config(None, [change]).fingerprint() != base.fingerprint(), change
+    assert load_config(None, ["model.preset=small"]).model_fingerprint() != base.model_fingerprint()
+
+
+def test_warmup_cosine_schedule():
+    cfg = load_config(
+        None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_steps=4", "train.max_steps=14"]
+    )
+    f = lr_lambda(cfg.train)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("environ", "expect"),
+    [
+        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "1234"},
+         (3, 4, 1, "h0", 1234, "deepspeed/torchrun")),
+        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "777",
+          "MASTER_ADDR": "n1", "SLURMD_NODENAME": "node2"},
+         (5, 8, 1, "n1", 20777, "srun")),
+        ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+          "MASTER_ADDR": "m", "MASTER_PORT": "2000"},
+         (1, 2, 1, "m", 2000, "mpirun")),
+    ],
+)  # fmt: skip
+def test_launcher_discovery(environ, expect):
+    d = discover(environ)
+    assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.master_port, d.launcher) == expect
+    if "SLURMD_NODENAME" in environ:
+        assert d.slurm_node == "node2"
+
+
+def test_single_process_fallback():
+    d = discover({})
+    assert (d.rank, d.world_size, d.launcher) == (0, 1, "single")

@@ -1,0 +1,68 @@
+"""Export round trip: ``umbrella-export`` + ``load_trained`` reproduce the model at the checkpoint
+(teacher-forced eval loss and greedy answers of the run's own evaluation at that step)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from test_train_support import BIN, fp32_run, train_data  # noqa: F401  (fixtures)
+
+import umbrella_ds
+from umbrella_ds.config import config_from_dict
+from umbrella_ds.model import greedy_generate, model_forward_loss
+from umbrella_ds.train.evaluate import task_name
+from umbrella_ds.train.inputs import build_inputs
+
+pytestmark = pytest.mark.multiproc
+
+
+@pytest.mark.timeout(400)
+def test_export_round_trip(fp32_run, tmp_path):  # noqa: F811
+    out = tmp_path / "export"
+    proc = subprocess.run(
+        [BIN / "umbrella-export", fp32_run, "--out", out],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((out / "export.json").read_text())
+    assert info["step"] == 4 and info["tokens_per_image"] == {"T1": 64}
+    assert (out / "patch_embed.safetensors").is_file() and (out / "tokenizer").is_dir()
+
+    model, tok = umbrella_ds.load_trained(out)
+    cfg = config_from_dict(info["run_config"])
+    inputs = build_inputs(cfg.data, cfg.model, model, tok, cfg.train.seed)
+    ds = inputs.eval_set
+    total, tokens, answers = 0.0, 0, {}
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[(0, i)]
+            b = inputs.collate_train([item])
+            total += float(model_forward_loss(model, b, 1.0, all_modalities=("T1",))[1])
+            tokens += b["num_loss_tokens"]
+            e = inputs.collate_eval([item])
+            ids = greedy_generate(model, e["prompt_ids"], e["attention_mask"], e["images"],
+                                  e["image_positions"], 4, inputs.eos_id, all_modalities=("T1",))  # fmt: skip
+            answers[item["task_id"]] = tok.decode(ids[0], skip_special_tokens=True).strip()
+            assert task_name(item) == "t1_sex"
+    evals = [json.loads(x) for x in (fp32_run / "metrics.jsonl").read_text().splitlines()]
+    record = next(
+        r for r in evals if r["split"] == "eval" and r["task"] == "all" and r["step"] == 4
+    )
+    assert total / tokens == pytest.approx(record["loss"], rel=1e-5)
+    preds = [json.loads(x) for x in (fp32_run / "predictions.jsonl").read_text().splitlines()]
+    assert {p["task_id"]: p["answer"] for p in preds} == answers
+
+
+def test_export_refuses_a_non_checkpoint(tmp_path):
+    proc = subprocess.run(
+        [BIN / "umbrella-export", tmp_path, "--out", tmp_path / "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "not a checkpoint" in proc.stderr

@@ -1,0 +1,296 @@
+"""Trainable-only DeepSpeed checkpoints that resume exactly, and on another number of ranks.
+
+Layout::
+
+    OUT/checkpoints/
+      latest                       text: the tag of the newest *complete* checkpoint
+      step-0000200/
+        mp_rank_00_model_states.pt, *optim_states.pt   DeepSpeed, frozen parameters excluded
+        rng-rank0.pt, rng-rank1.pt ...                 per-rank RNG states (weights_only-loadable)
+        meta.json                                      written last: the completion marker
+        universal/                                     made on demand when the world size changes
+
+``meta.json`` holds the client state (step, epoch, sampler position, scheduler, resolved config,
+config/model/data fingerprints, world size, trainable parameter names, size on disk). It is
+written by rank 0 only after a barrier that follows every rank's save, then ``latest`` moves
+(tmp + os.replace). A step folder without ``meta.json`` is never trusted and is removed on the next
+save. Resuming on a different world size converts the checkpoint with DeepSpeed's
+``ds_to_universal`` and loads it with ``checkpoint.load_universal``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from umbrella_ds.config import CheckpointConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META = "meta.json"
+LATEST = "latest"
+LOWER_IS_BETTER = ("loss", "mae")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names its path and the reason."""
+
+
+@dataclass(frozen=True)
+class Found:
+    path: Path  # the step folder
+    meta: dict[str, Any]
+
+
+def step_tag(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def read_meta(step_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((step_dir / META).read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{step_dir}: incomplete checkpoint (no {META})") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{step_dir}/{META}: unreadable: {e}") from e
+
+
+def resolve(path: str | Path) -> Path:
+    """A run dir, a checkpoints dir (through ``latest``) or a step dir -> the step dir."""
+    p = Path(path).expanduser().resolve()
+    if (p / META).is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        if (root / LATEST).is_file():
+            tag = (root / LATEST).read_text().strip()
+            step_dir = root / tag
+            if not (step_dir / META).is_file():
+                raise CheckpointError(f"{root / LATEST} names {tag}, which is incomplete")
+            return step_dir
+    raise CheckpointError(f"{p}: not a checkpoint (no {META}) and no {LATEST} file under it")
+
+
+def find(resume: str, root: Path) -> Found | None:
+    """``--resume auto|none|PATH`` -> the checkpoint to load, or None for a fresh start."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        if not (root / LATEST).is_file():
+            return None
+        path = resolve(root)
+    else:
+        path = resolve(resume)
+    return Found(path, read_meta(path))
+
+
+def check_fingerprints(
+    found: Found, current: dict[str, str], allow_mismatch: bool, rank: int
+) -> None:
+    saved = found.meta["fingerprints"]
+    diffs = [k for k in current if saved.get(k) != current[k]]
+    if not diffs:
+        return
+    detail = ", ".join(f"{k}: checkpoint {saved.get(k)} vs now {current[k]}" for k in diffs)
+    msg = f"{found.path}: fingerprint mismatch ({detail})"
+    if not allow_mismatch:
+        raise CheckpointError(
+            msg + ". The run config, model or data changed since this checkpoint; start a new "
+            "output_dir, or pass --allow-fingerprint-mismatch if the change is intended"
+        )
+    if rank == 0:
+        log.warning("%s; continuing because --allow-fingerprint-mismatch", msg)
+
+
+# ---------------------------------------------------------------- RNG per rank
+
+
+def rng_state() -> dict[str, Any]:
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (np_name, torch.from_numpy(np_keys.copy()), np_pos, np_has_gauss, np_gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_rng(seed: int, rank: int) -> None:
+    """Per-rank streams for anything random outside the data (whose randomness is per item)."""
+    random.seed(seed * 1000 + rank)
+    np.random.seed((seed * 1000 + rank) % 2**32)
+    torch.manual_seed(seed * 1000 + rank)
+
+
+# ---------------------------------------------------------------- save / load
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class Checkpointer:
+    def __init__(self, cfg: CheckpointConfig, root: Path, rank: int, world_size: int) -> None:
+        self.cfg = cfg
+        self.root = root
+        self.rank = rank
+        self.world_size = world_size
+
+    def save(self, engine, step: int, client: dict[str, Any]) -> Path:
+        """Every rank calls this; returns the step folder once ``latest`` names it."""
+        tag = step_tag(step)
+        step_dir = self.root / tag
+        if (step_dir / META).is_file():
+            return step_dir  # already complete (e.g. a signal right after a periodic save)
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if step_dir.exists():  # an incomplete earlier attempt at this step: never trusted
+                shutil.rmtree(step_dir)
+        dist.barrier()
+        engine.save_checkpoint(
+            str(self.root),
+            tag=tag,
+            client_state={"umbrella": client, "universal_checkpoint_info": {}},
+            exclude_frozen_parameters=True,
+            save_latest=False,
+        )
+        _atomic_torch_save(rng_state(), step_dir / f"rng-rank{self.rank}.pt")
+        dist.barrier()  # every rank's files are on disk
+        if self.rank == 0:
+            meta = dict(client, format=FORMAT_VERSION, tag=tag, world_size=self.world_size)
+            meta["size_bytes"] = dir_size(step_dir)
+            _atomic_write(step_dir / META, json.dumps(meta, indent=1, sort_keys=True))
+            _atomic_write(self.root / LATEST, tag + "\n")
+            self._prune(keep=tag)
+        dist.barrier()
+        return step_dir
+
+    def _prune(self, keep: str) -> None:
+        best = (self.root / "best").read_text().strip() if (self.root / "best").is_file() else None
+        steps = sorted(p for p in self.root.glob("step-*") if p.is_dir())
+        complete = [p for p in steps if (p / META).is_file()]
+        for p in steps:
+            if not (p / META).is_file() and p.name != keep:
+                shutil.rmtree(p, ignore_errors=True)  # leftovers of a killed save
+        for p in complete[: -self.cfg.keep_last]:
+            if p.name not in (keep, best):
+                shutil.rmtree(p)
+
+    def record_eval(self, step_dir: Path, metrics: dict[str, Any]) -> None:
+        """keep_best: remember the step whose named eval metric is best (rank 0)."""
+        name = self.cfg.keep_best
+        if self.rank != 0 or not name or metrics.get(name) is None:
+            return
+        value = float(metrics[name])
+        best_file = self.root / "best.json"
+        if best_file.is_file():
+            old = json.loads(best_file.read_text())
+            lower = name in LOWER_IS_BETTER
+            if (value >= old["value"]) if lower else (value <= old["value"]):
+                return
+        _atomic_write(best_file, json.dumps({"tag": step_dir.name, "metric": name, "value": value}))
+        _atomic_write(self.root / "best", step_dir.name + "\n")
+
+    def load(self, engine, found: Found) -> None:
+        """Load weights, optimizer and (same world size) RNG; the caller restores the rest."""
+        meta = found.meta
+        same_world = meta["world_size"] == self.world_size
+        load_dir, tag = (
+            (found.path.parent, found.path.name) if same_world else (found.path, "universal")
+        )
+        load_path, _ = engine.load_checkpoint(
+            str(load_dir),
+            tag=tag,
+            load_module_strict=False,  # frozen parameters are not in the checkpoint
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,  # restored from meta.json by the engine
+        )
+        if load_path is None:
+            raise CheckpointError(f"{found.path}: DeepSpeed could not load it")
+        trainable = sorted(n for n, p in engine.module.named_parameters() if p.requires_grad)
+        if trainable != sorted(meta["trainable"]):
+            raise CheckpointError(
+                f"{found.path}: trainable parameters differ: checkpoint {meta['trainable']} "
+                f"vs model {trainable}"
+            )
+        rng_file = found.path / f"rng-rank{self.rank}.pt"
+        if same_world and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        else:
+            seed_rng(int(meta["config"]["train"]["seed"]) + int(meta["step"]), self.rank)
+
+
+def prepare_universal(found: Found, rank: int, world_size: int) -> bool:
+    """Convert to a universal checkpoint when the world size changed; True if loading needs it."""
+    if found.meta["world_size"] == world_size:
+        return False
+    out = found.path / "universal"
+    if rank == 0 and not (out / "zero").is_dir():
+        tmp = found.path / "universal.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(found.path),
+            "--output_folder",
+            str(tmp),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
+        log.info(
+            "world size %d -> %d: converting %s to a universal checkpoint",
+            found.meta["world_size"],
+            world_size,
+            found.path,
+        )
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(
+                f"{found.path}: ds_to_universal failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+            )
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return True
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

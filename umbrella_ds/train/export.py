@@ -1,0 +1,185 @@
+"""``umbrella-export CKPT_DIR --out DIR`` and ``load_trained(DIR, base=None)``.
+
+An export is what a user needs to apply the trained patch embedding without DeepSpeed:
+
+    DIR/patch_embed.safetensors   the trained MRIPatchEmbed state (fp32), keys relative to it
+    DIR/export.json               base model (preset or path) + its init seed, modalities, tokens
+                                  per image, the source checkpoint and the run config
+    DIR/tokenizer/                the tokenizer the model was trained with
+
+The frozen base is rebuilt from its preset (random init with the run's seed, which is how training
+built it) or from a local pretrained directory (``base=`` may point at another copy of it).
+CKPT_DIR may be a run directory, its ``checkpoints`` directory (``latest`` is followed) or a step
+directory. The weights are read from DeepSpeed's checkpoint files with ``zero_to_fp32``'s
+consolidation (fp32 master weights, any ZeRO stage, any world size) on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PREFIX = "model."  # the engine wraps the HF model as LossModule.model
+EXPORT_INFO = "export.json"
+WEIGHTS = "patch_embed.safetensors"
+
+
+def trained_state(step_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 trainable parameters of a step folder, names as in the HF model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(
+        str(step_dir.parent), tag=step_dir.name, exclude_frozen_parameters=True
+    )
+    return {
+        k[len(PREFIX) :] if k.startswith(PREFIX) else k: v.detach().float()
+        for k, v in state.items()
+    }
+
+
+def export(ckpt: str | Path, out: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    from umbrella_ds.config import config_from_dict
+    from umbrella_ds.model import build_model, find_patch_embed, num_image_tokens
+    from umbrella_ds.train.checkpoint import read_meta, resolve
+
+    step_dir = resolve(ckpt)
+    meta = read_meta(step_dir)
+    cfg = config_from_dict(meta["config"])
+    state = trained_state(step_dir)
+    model, tokenizer = build_model(
+        cfg.model.source,
+        modalities=_modalities(cfg.model),
+        init=cfg.model.init,
+        seed=cfg.train.seed,
+    )
+    patch = find_patch_embed(model)
+    prefix = _module_prefix(model, patch)
+    patch_state = {
+        k[len(prefix) :]: v.contiguous() for k, v in state.items() if k.startswith(prefix)
+    }
+    if set(patch_state) != set(patch.state_dict()) or len(patch_state) != len(state):
+        raise RuntimeError(
+            f"{step_dir}: trained tensors {sorted(state)} do not match the patch embedding "
+            f"{sorted(prefix + k for k in patch.state_dict())}"
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(patch_state, str(out / WEIGHTS))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+    info = {
+        "format": 1,
+        "base": {
+            "preset": cfg.model.preset if not cfg.model.path else None,
+            "path": cfg.model.path,
+        },
+        "init": cfg.model.init,
+        "seed": cfg.train.seed,
+        "modalities": _modalities(cfg.model),
+        "tokens_per_image": {m: num_image_tokens(model, m) for m in cfg.model.modalities},
+        "checkpoint": str(step_dir),
+        "step": meta["step"],
+        "fingerprints": meta["fingerprints"],
+        "run_config": meta["config"],
+    }
+    tmp = out / (EXPORT_INFO + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1))
+    tmp.replace(out / EXPORT_INFO)  # written last: a directory without it is not an export
+    return out
+
+
+def load_trained(
+    path: str | Path, base: str | Path | None = None, dtype: torch.dtype = torch.float32
+):
+    """Rebuild the patched model of an export: (model, tokenizer), in eval mode.
+
+    ``base`` overrides where the frozen base comes from (a preset name or a local directory),
+    e.g. when the pretrained weights live elsewhere on this machine.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from umbrella_ds.model import build_model, find_patch_embed
+
+    path = Path(path)
+    info: dict[str, Any] = json.loads((path / EXPORT_INFO).read_text())
+    source = str(base) if base is not None else (info["base"]["path"] or info["base"]["preset"])
+    model, tokenizer = build_model(
+        source, modalities=info["modalities"], init=info["init"], dtype=dtype, seed=info["seed"]
+    )
+    patch = find_patch_embed(model)
+    state = load_file(str(path / WEIGHTS))
+    patch.load_state_dict(state, strict=True)
+    if (path / "tokenizer").is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
+    model.eval()
+    return model, tokenizer
+
+
+def load_checkpoint_model(ckpt: str | Path, base: str | Path | None = None, dtype=torch.float32):
+    """The patched model at a checkpoint (run dir, checkpoints dir or step dir), without
+    DeepSpeed: the base rebuilt from the run config (or ``base``), the trained fp32 weights loaded."""
+    from umbrella_ds.config import config_from_dict
+    from umbrella_ds.model import build_model
+    from umbrella_ds.train.checkpoint import read_meta, resolve
+
+    step_dir = resolve(ckpt)
+    cfg = config_from_dict(read_meta(step_dir)["config"])
+    model, tokenizer = build_model(
+        str(base) if base is not None else cfg.model.source,
+        modalities=_modalities(cfg.model),
+        init=cfg.model.init,
+        dtype=dtype,
+        seed=cfg.train.seed,
+    )
+    state = trained_state(step_dir)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    if sorted(state) != trainable:
+        raise RuntimeError(
+            f"{step_dir}: trained tensors {sorted(state)} do not match the model's {trainable}"
+        )
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    return model, tokenizer
+
+
+def _modalities(model_cfg) -> dict[str, dict[str, list[int]]]:
+    return {
+        m: {"size": list(s.size), "patch": list(s.patch)} for m, s in model_cfg.modalities.items()
+    }
+
+
+def _module_prefix(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name + "."
+    raise RuntimeError("patch embedding not found in the model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="umbrella-export", description=__doc__.split("\n")[0])
+    p.add_argument("ckpt", metavar="CKPT_DIR", help="run dir, its checkpoints dir, or a step dir")
+    p.add_argument("--out", required=True, help="export directory")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        out = export(args.ckpt, args.out)
+    except Exception as e:
+        print(f"umbrella-export: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {args.ckpt} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Training and evaluation inputs from the data config: tasks, renderer, datasets, sampler, loader.
+
+Token counts per image come from the model's patch embedding (never recomputed here). The data
+fingerprint that guards a resume covers the shards' index and the content of every instruction
+file, so a resume onto changed data is refused even if the paths are the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from umbrella_ds.config import DataConfig, ModelConfig
+from umbrella_ds.data import (
+    InstructionDataset,
+    Renderer,
+    ResumableSampler,
+    build_loader,
+    collate_eval,
+    collate_train,
+    load_instructions,
+    resolve_subjects,
+)
+from umbrella_ds.model import image_token_id, num_image_tokens
+from umbrella_ds.shards import open_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inputs:
+    train_set: InstructionDataset
+    eval_set: InstructionDataset | None
+    collate_train: Any
+    collate_eval: Any
+    data_fingerprint: str
+    pad_id: int
+    eos_id: int
+
+
+def build_inputs(data: DataConfig, model_cfg: ModelConfig, model, tokenizer, seed: int) -> Inputs:
+    if tokenizer is None:
+        raise RuntimeError(f"model {model_cfg.source!r} has no tokenizer; training needs one")
+    shards = open_dataset(data.shards)
+    shards.check()
+    mods = list(model_cfg.modalities)
+    tokens = {m: num_image_tokens(model, m) for m in mods}
+    renderer = Renderer(tokenizer, tokens, data.max_length, data.overflow)
+    rsfmri = model_cfg.modalities.get("rsfMRI")
+    rsfmri_length = rsfmri.size[3] if rsfmri else 1
+    available = set(shards.subjects)
+
+    def dataset(files: list[str], train: bool) -> InstructionDataset:
+        tasks = [t for f in files for t in load_instructions(f)]
+        tasks, skipped = resolve_subjects(tasks, available, data.missing_subjects, has=shards.has)
+        if skipped:
+            log.warning("skipped %d task(s) whose subjects are not in %s", skipped, data.shards)
+        ds = InstructionDataset(
+            tasks,
+            data.shards,
+            renderer,
+            train=train,
+            seed=seed,
+            rsfmri_length=rsfmri_length,
+            window_stride=data.window_stride,
+            windows=data.windows,
+            flip=data.flip,
+        )
+        if ds.num_rejected:
+            log.warning("%d task(s) longer than data.max_length were rejected", ds.num_rejected)
+        if len(ds) == 0:
+            raise RuntimeError(f"no usable tasks in {files}")
+        return ds
+
+    if not data.train:
+        raise RuntimeError("data.train names no instruction file")
+    train_set = dataset(data.train, train=True)
+    eval_set = dataset(data.eval, train=False) if data.eval else None
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    kw = {
+        "pad_id": int(pad_id),
+        "image_token_id": image_token_id(model),
+        "tokens_per_image": tokens,
+    }
+    return Inputs(
+        train_set=train_set,
+        eval_set=eval_set,
+        collate_train=functools.partial(collate_train, **kw),
+        collate_eval=functools.partial(collate_eval, **kw),
+        data_fingerprint=data_fingerprint(shards.fingerprint, data.train + data.eval),
+        pad_id=int(pad_id),
+        eos_id=int(eos_id),
+    )
+
+
+def data_fingerprint(shards_fingerprint: str, files: list[str]) -> str:
+    h = hashlib.sha256(shards_fingerprint.encode())
+    for f in files:
+        p = Path(f)
+        paths = sorted(p.rglob("*.json*")) if p.is_dir() else [p]
+        for q in paths:
+            h.update(q.name.encode())
+            h.update(q.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def train_loader(inputs: Inputs, sampler: ResumableSampler, micro_batch: int, data: DataConfig):
+    return build_loader(
+        inputs.train_set,
+        sampler,
+        inputs.collate_train,
+        batch_size=micro_batch,
+        num_workers=data.num_workers,
+        prefetch_factor=data.prefetch_factor,
+        pin_memory=True,
+        persistent_workers=True,
+        seed=sampler.seed,
+    )
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors (also inside the per-modality dicts) to ``device``; host-side lists stay."""
+    if device.type == "cpu":
+        return batch
+
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        return v
+
+    return {k: move(v) for k, v in batch.items()}
