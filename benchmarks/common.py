@@ -39,7 +39,14 @@ def machine() -> dict[str, Any]:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        # Other work on the machine skews every figure: the 1-minute load average when written.
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -60,7 +67,7 @@ def write_result(name: str, config: dict[str, Any], figures: dict[str, Any], **e
     record = {"name": name, "machine": machine(), "config": config, "figures": figures, **extra}
     path = RESULTS_DIR / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -100,7 +107,9 @@ def deepspeed_cmd(script: Path | str, args: list[str], ranks: int) -> list[str]:
     ]  # fmt: skip
 
 
-def run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> float:
+def run_logged(
+    cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None
+) -> float:
     """Run `cmd` from the repository root with output to `log`; wall seconds. A failure raises
     naming the log and quoting its tail, so a broken run is never reported as a figure."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -108,13 +117,20 @@ def run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str] | 
     with open(log, "w") as f:
         try:
             proc = subprocess.run(
-                cmd, cwd=REPO, env=env or bench_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+                cmd,
+                cwd=REPO,
+                env=env or bench_env(),
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
             )
         except subprocess.TimeoutExpired as exc:
             raise RuntimeError(f"{cmd[:4]}... timed out after {timeout:.0f} s; log: {log}") from exc
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise RuntimeError(f"{' '.join(map(str, cmd[:6]))}... exited {proc.returncode}; log {log}:\n{tail}")
+        raise RuntimeError(
+            f"{' '.join(map(str, cmd[:6]))}... exited {proc.returncode}; log {log}:\n{tail}"
+        )
     return time.perf_counter() - start
 
 
@@ -167,3 +183,26 @@ def repeat_tasks(src: Path, dst: Path, copies: int) -> int:
                 task["task_id"] = f"{task['task_id']}_rep{k}"
                 f.write(json.dumps(task) + "\n")
     return len(lines) * copies
+
+
+def disk_write_mb_per_s(directory: Path, size_bytes: int, repeats: int = 3) -> float:
+    """The disk's sequential write speed, the limit of any writer to `directory` (pack_bench):
+    like `dd bs=8M conv=fsync`, a file of `size_bytes` written in 8 MiB blocks then fsync'd;
+    median MB/s over `repeats`. The block is random so compressing filesystems gain nothing."""
+    block = os.urandom(8 << 20)
+    path = Path(directory) / ".disk_write_probe"
+    rates = []
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with open(path, "wb") as f:
+                written = 0
+                while written < size_bytes:
+                    written += f.write(block[: min(len(block), size_bytes - written)])
+                f.flush()
+                os.fsync(f.fileno())
+            rates.append(written / 1e6 / (time.perf_counter() - start))
+            path.unlink()
+    finally:
+        path.unlink(missing_ok=True)
+    return statistics.median(rates)

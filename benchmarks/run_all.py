@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import sys
+import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR
@@ -35,20 +36,27 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+def _rows(title: str, values: dict) -> str:
+    rows = [f"| {title} | value |", "|---|---|"]
+    rows += [f"| {key} | {_fmt(value)} |" for key, value in values.items()]
+    return "\n".join(rows) + "\n"
+
+
 def render_table() -> str:
-    """One section per result file: machine, then the figures as a two-column table."""
+    """One section per result file: machine, the figures, then the ratios, as two-column tables."""
     parts = []
     for path in sorted(RESULTS_DIR.glob("*.json")):
         record = json.loads(path.read_text())
         m = record.get("machine", {})
-        where = m.get("gpu") or f"{m.get('cpu')} ({m.get('cores')} cores)"
+        where = f"{m.get('cpu')} ({m.get('cores')} cores)"
+        if m.get("gpu"):
+            where = f"{m['gpu']}, host {where}"
+        if m.get("load_avg_1m") is not None:
+            where += f", load average {m['load_avg_1m']} when written"
         parts.append(f"### {record['name']}\n\nMachine: {where}\n")
-        if "ratio" in record:
-            parts.append(f"Ratio: {json.dumps(record['ratio'])}\n")
-        rows = ["| figure | value |", "|---|---|"]
-        for key, value in record.get("figures", {}).items():
-            rows.append(f"| {key} | {_fmt(value)} |")
-        parts.append("\n".join(rows) + "\n")
+        parts.append(_rows("figure", record.get("figures", {})))
+        if record.get("ratio"):
+            parts.append(_rows("ratio", record["ratio"]))
     return "\n".join(parts)
 
 
@@ -79,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skip {short}: needs a GPU")
                 continue
             print(f"== {short}", flush=True)
+            start = time.perf_counter()
             try:
                 importlib.import_module(module).main([])
+                print(f"== {short} done in {time.perf_counter() - start:.0f} s", flush=True)
             except ModuleNotFoundError as exc:
                 print(f"skip {short}: {exc}")
             except (
