@@ -66,6 +66,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="keep complete, verified shards of an earlier run in --out; redo the rest",
     )
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="read and validate every input, report counts, estimated size and rejections; "
+        "write nothing (not even --out)",
+    )
 
     v = sub.add_parser("verify", help="re-hash every shard, check shapes and index consistency")
     v.add_argument("dir", type=Path)
@@ -73,6 +79,16 @@ def make_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="subjects, modalities, shapes, dtype, bytes, compression ratio")
     i.add_argument("dir", type=Path)
     i.add_argument("--json", action="store_true", help="print JSON")
+    i.add_argument(
+        "--preview",
+        type=Path,
+        metavar="OUT.png",
+        help="also draw mid-slices (3 planes) of a sample of subjects to this PNG",
+    )
+    i.add_argument(
+        "--preview-subjects", type=int, default=8, metavar="N", help="subjects in the preview"
+    )
+    i.add_argument("--preview-seed", type=int, default=0, help="seed of the preview's sample")
 
     s = sub.add_parser(
         "synth",
@@ -105,6 +121,7 @@ def _build(a: argparse.Namespace) -> int:
         compression=a.compression,
         resume=a.resume,
         progress=not a.no_progress,
+        dry_run=a.dry_run,
     )
     return pack.build(opts)
 
@@ -122,6 +139,16 @@ def _verify(a: argparse.Namespace) -> int:
 
 def _info(a: argparse.Namespace) -> int:
     summary = shards.info(a.dir)
+    if a.preview is not None:
+        from data_prep.preview import draw_preview
+
+        if a.preview_subjects < 1:
+            raise pack.UsageError(f"--preview-subjects must be >= 1, got {a.preview_subjects}")
+        drawn = draw_preview(a.dir, a.preview, subjects=a.preview_subjects, seed=a.preview_seed)
+        summary["preview"] = drawn
+        if not a.json:
+            w, h = drawn["size"]
+            print(f"preview      {drawn['path']} ({len(drawn['subjects'])} subjects, {w}x{h} px)")
     if a.json:
         print(json.dumps(summary, indent=1))
         return 0

@@ -15,6 +15,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from data_prep.preprocess import make_params, rsfmri_from_source, t1_from_source
 from data_prep.readers import InputRejected, read_rsfmri, read_t1
 from umbrella_ds import shards
+from umbrella_ds.provenance import write_provenance
 
 ID_COLUMNS = ("subject_id", "subjectkey")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTIONS = 0, 1, 2, 3
@@ -70,6 +72,7 @@ class BuildOptions:
     compression: str = "none"
     resume: bool = False
     progress: bool = True
+    dry_run: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -289,6 +292,7 @@ def _write_outputs(
     opts: BuildOptions,
     params: dict[str, Any],
     n_shards: int,
+    ranks: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any] | None, list[dict[str, str]]]:
     for p in out.glob("shard-*.h5"):  # shards of an earlier, longer manifest
         try:
@@ -307,6 +311,7 @@ def _write_outputs(
     shards.atomic_write_text(out / shards.REJECTED_NAME, buf.getvalue())
     if not any(rec.subjects for rec in records):
         (out / shards.INDEX_NAME).unlink(missing_ok=True)
+        _write_pack_provenance(out, opts, params, None, rejections, n_shards, ranks)
         return None, rejections
     shapes = {m: tuple(params[m]["size"]) for m in params}
     index = shards.build_index(
@@ -317,7 +322,48 @@ def _write_outputs(
         subjects_per_shard=opts.subjects_per_shard,
     )
     shards.write_index(out, index)
+    _write_pack_provenance(out, opts, params, index, rejections, n_shards, ranks)
     return index, rejections
+
+
+def this_rank(rank: int = 0) -> dict[str, Any]:
+    """``{"rank", "host", "node"}`` of this process (node: the SLURM node name, if any)."""
+    return {"rank": rank, "host": socket.gethostname(), "node": os.environ.get("SLURMD_NODENAME")}
+
+
+def _write_pack_provenance(
+    out: Path,
+    opts: BuildOptions,
+    params: dict[str, Any],
+    index: dict[str, Any] | None,
+    rejections: list[dict[str, str]],
+    n_shards: int,
+    ranks: list[dict[str, Any]] | None,
+) -> None:
+    """provenance.json beside index.json: the manifest's sha256 is the input fingerprint."""
+    config = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in opts.__dict__.items()
+        if k not in ("progress", "dry_run")
+    }
+    config["manifest"] = str(Path(opts.manifest).resolve())
+    config["out"] = str(Path(out).resolve())
+    config["modalities"] = list(params)
+    config["preprocessing"] = params
+    index_path = out / shards.INDEX_NAME
+    write_provenance(
+        out,
+        kind="pack",
+        config=config,
+        inputs={"manifest": shards.sha256_file(Path(opts.manifest))},
+        extra={
+            "index_sha256": shards.sha256_file(index_path) if index is not None else None,
+            "subjects": len(index["subjects"]) if index is not None else 0,
+            "rejections": len(rejections),
+            "shards": n_shards,
+        },
+        ranks=ranks or [this_rank()],
+    )
 
 
 def _summary(
@@ -389,6 +435,10 @@ def build(opts: BuildOptions) -> int:
         "subjects_per_shard": opts.subjects_per_shard,
     }
     jobs = plan(rows, opts.subjects_per_shard, fixed)
+    if opts.dry_run:
+        if opts.mpi:
+            raise UsageError("--dry-run runs on one node: drop --mpi (use --workers)")
+        return dry_run(opts, jobs, modalities, params)
     if opts.mpi:
         return _build_mpi(opts, jobs, modalities, params)
     _check_out_dir(opts.out, opts.resume)
@@ -476,6 +526,7 @@ def _build_mpi(
     except Exception as exc:
         result = ("error", f"rank {rank}: {type(exc).__name__}: {exc}")
     gathered = comm.gather(result, root=0)
+    ranks = comm.gather(this_rank(rank), root=0)
     status = EXIT_FAILED
     if rank == 0:
         errors = [r[1] for r in gathered if r[0] == "error"]
@@ -485,8 +536,111 @@ def _build_mpi(
         else:
             all_records = [rec for r in gathered for rec in r[1][0]]
             reused_all = sum(r[1][1] for r in gathered)
-            index, rejections = _write_outputs(opts.out, all_records, opts, params, len(jobs))
+            index, rejections = _write_outputs(
+                opts.out, all_records, opts, params, len(jobs), ranks
+            )
             status = _summary(opts.out, index, rejections, reused_all, len(jobs))
         if lock is not None:
             lock.close()
     return comm.bcast(status, root=0)
+
+
+# ---------------------------------------------------------------- --dry-run
+
+
+def _dry_shard(job: ShardJob, modalities: list[str], params: dict[str, Any]) -> dict[str, Any]:
+    """Read and preprocess every input of one shard as the build would, keeping nothing."""
+    result: dict[str, Any] = {"subjects": 0, "per_modality": {}, "bytes": 0, "rejections": []}
+    for row in job.rows:
+        volumes, _, rejected = _process_subject(row, modalities, params)
+        for m, path, reason in rejected:
+            result["rejections"].append(
+                {"subject_id": row.subject_id, "modality": m, "path": path, "reason": reason}
+            )
+        if volumes:
+            result["subjects"] += 1
+            for m, arr in volumes.items():
+                result["per_modality"][m] = result["per_modality"].get(m, 0) + 1
+                result["bytes"] += arr.nbytes
+        _report(0)
+    return result
+
+
+def _dry_run_local(opts: BuildOptions, jobs: list[ShardJob], modalities, params) -> list[dict]:
+    bar, update = _progress(sum(len(j.rows) for j in jobs), opts.progress)
+    global _progress_sink
+    with bar:
+        if opts.workers == 1 or len(jobs) == 1:
+            _progress_sink = update
+            try:
+                return [_dry_shard(job, modalities, params) for job in jobs]
+            finally:
+                _progress_sink = None
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        with ProcessPoolExecutor(
+            opts.workers, mp_context=ctx, initializer=_worker_init, initargs=(queue,)
+        ) as pool:
+            futures = [pool.submit(_dry_shard, job, modalities, params) for job in jobs]
+            pending = set(futures)
+            while pending:
+                _, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                _drain(queue, update)
+            _drain(queue, update)
+            return [f.result() for f in futures]
+
+
+def dry_run(
+    opts: BuildOptions, jobs: list[ShardJob], modalities: list[str], params: dict[str, Any]
+) -> int:
+    """``build --dry-run``: what a build would pack and reject, and its size; writes nothing.
+
+    Every input is read and preprocessed (rejections such as NaN values or a float16 overflow
+    after normalisation are only known that way), so it costs about what a build costs, minus the
+    writing. The output directory is checked as a build would check it, but never created. With
+    ``--resume``, shards a build would keep are reported and not re-read. Exit statuses are the
+    build's: 0 nothing would be rejected, 3 some inputs would be, 1 every input would be.
+    """
+    _check_out_dir(opts.out, opts.resume)
+    kept = {
+        job.shard
+        for job in jobs
+        if opts.resume and shards.reuse_shard(opts.out / shards.shard_name(job.shard), job.job)
+    }
+    todo = [job for job in jobs if job.shard not in kept]
+    results = _dry_run_local(opts, todo, modalities, params)
+    subjects = sum(r["subjects"] for r in results)
+    per_mod: dict[str, int] = {}
+    for r in results:
+        for m, n in r["per_modality"].items():
+            per_mod[m] = per_mod.get(m, 0) + n
+    nbytes = sum(r["bytes"] for r in results)
+    rejections = [x for r in results for x in r["rejections"]]
+    n_rows = sum(len(j.rows) for j in jobs)
+    print(f"DRY RUN: nothing written ({opts.out} left as it is)")
+    print(f"manifest      {opts.manifest}: {n_rows} subjects -> {len(jobs)} shards")
+    if kept:
+        print(f"kept          {len(kept)} complete shard(s) of an earlier run (--resume)")
+    mods = ", ".join(f"{m}: {n}" for m, n in per_mod.items()) or "none"
+    print(f"would pack    {subjects} subjects ({mods}) in {len(todo)} shard(s)")
+    print(
+        f"estimated     {nbytes / 1e6:.2f} MB of float16 data"
+        + (f" before {opts.compression} compression" if opts.compression != "none" else "")
+    )
+    for m, p in params.items():
+        print(f"  {m:<10} grid {tuple(p['size'])}, norm {p['norm']}")
+    if rejections:
+        print(f"would reject  {len(rejections)} input(s):")
+        buf = io.StringIO()
+        w = csv.DictWriter(
+            buf, fieldnames=["subject_id", "modality", "path", "reason"], lineterminator="\n"
+        )
+        w.writeheader()
+        w.writerows(rejections)
+        print("  " + buf.getvalue().rstrip("\n").replace("\n", "\n  "))
+    else:
+        print("would reject  nothing")
+    if subjects == 0 and not kept:
+        print("FAILED: every input would be rejected", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_REJECTIONS if rejections else EXIT_OK

@@ -4,14 +4,22 @@ Sharding: the eval set is grouped by task, and within a task rank r takes items 
 Every rank runs the same number of batches per task (a rank short of items runs a dummy batch
 whose results are dropped), because under ZeRO-3 every forward is a collective. Results are
 gathered to rank 0 with ``all_gather_object``; only rank 0 writes ``predictions.jsonl``.
+
+``evaluate_set`` is the whole computation and writes nothing; ``umbrella-eval`` calls it too, so a
+checkpoint evaluated afterwards gives the numbers its run logged. For AUROC, each classification
+task's class answers are reduced to their first answer token (the token greedy decoding must
+choose first); a record's ``class_probs`` are the first step's softmax probabilities of those
+tokens, renormalised over the classes. When two classes share a first token there is no such
+score and AUROC is left out for that task (logged).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +29,49 @@ import torch.distributed as dist
 from umbrella_ds.config import EvalConfig
 from umbrella_ds.model import greedy_generate, model_forward_loss
 from umbrella_ds.train.inputs import Inputs, to_device
-from umbrella_ds.train.metrics import score
+from umbrella_ds.train.metrics import class_vocabulary, is_regression, score, target_label
+
+log = logging.getLogger(__name__)
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
 
 
 def task_name(item_or_task: Any) -> str:
     meta = item_or_task["metadata"] if isinstance(item_or_task, dict) else item_or_task.metadata
     ttype = item_or_task["task_type"] if isinstance(item_or_task, dict) else item_or_task.task_type
     return str((meta or {}).get("task") or ttype)
+
+
+def answer_first_token(tokenizer, answer: str) -> int:
+    """The first token of ``answer`` as the renderer tokenizes an assistant turn holding it."""
+    header = tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
+    ids = tokenizer.encode(f"{ASSISTANT_HEADER}{answer}<|im_end|>\n", add_special_tokens=False)
+    if ids[: len(header)] != header or len(ids) <= len(header):
+        raise ValueError(f"cannot find the first answer token of {answer!r}")
+    return int(ids[len(header)])
+
+
+def class_first_tokens(tokenizer, targets: list[str]) -> dict[str, int] | None:
+    """class -> first answer token id, for a classification task's targets; None when the task
+    is regression or two classes begin with the same token (no per-class score then)."""
+    if is_regression(targets):
+        return None
+    classes = class_vocabulary(targets)
+    votes: dict[str, Counter] = defaultdict(Counter)
+    for t in targets:
+        votes[target_label(t, classes)][answer_first_token(tokenizer, t.strip())] += 1
+    tokens = {c: votes[c].most_common(1)[0][0] for c in classes if votes[c]}
+    if len(tokens) != len(classes) or len(set(tokens.values())) != len(tokens):
+        log.warning("classes %s share a first answer token: no AUROC", classes)
+        return None
+    return tokens
+
+
+def record_subject(item: dict[str, Any]) -> str:
+    """The subject a sample is about: metadata.subject_id, else its last image's subject."""
+    meta = item.get("metadata") or {}
+    if meta.get("subject_id"):
+        return str(meta["subject_id"])
+    return str(item["subject_ids"][-1]) if item["subject_ids"] else str(item["task_id"])
 
 
 def evaluate(
@@ -83,6 +127,10 @@ def evaluate_set(
     by_task: dict[str, list[int]] = defaultdict(list)
     for i in range(n):
         by_task[task_name(ds.tasks[ds._items[i][0]])].append(i)
+    first_tokens = {
+        task: class_first_tokens(tokenizer, [ds.tasks[ds._items[i][0]].turns[-1].text for i in idx])
+        for task, idx in by_task.items()
+    }
     was_training = model.training
     model.eval()
     preds: list[dict[str, Any]] = []
@@ -98,7 +146,7 @@ def evaluate_set(
             tb = to_device(inputs.collate_train(items), device)
             _, loss_sum = model_forward_loss(model, tb, 1.0, all_modalities=all_modalities)
             eb = to_device(inputs.collate_eval(items), device)
-            ids = greedy_generate(
+            ids, first_logits = greedy_generate(
                 model,
                 eb["prompt_ids"],
                 eb["attention_mask"],
@@ -107,22 +155,31 @@ def evaluate_set(
                 cfg.max_new_tokens,
                 inputs.eos_id,
                 all_modalities=all_modalities,
+                return_first_step_logits=True,
             )
             if dummy:
                 continue
+            class_probs: list[dict[str, float] | None] = [None] * len(items)
+            tokens = first_tokens[task]
+            if tokens is not None:
+                p = torch.softmax(first_logits.float(), dim=-1)[:, list(tokens.values())].double()
+                p = (p / p.sum(dim=-1, keepdim=True)).cpu().tolist()
+                class_probs = [dict(zip(tokens, row)) for row in p]
             loss_parts[task][0] += float(loss_sum)
             loss_parts[task][1] += tb["num_loss_tokens"]
-            for item, gen in zip(items, ids):
-                preds.append(
-                    {
-                        "task": task,
-                        "task_id": item["task_id"],
-                        "subject_ids": item["subject_ids"],
-                        "window_start": item["window_start"],
-                        "answer": tokenizer.decode(gen, skip_special_tokens=True).strip(),
-                        "target": item["target_text"].strip(),
-                    }
-                )
+            for item, gen, probs in zip(items, ids, class_probs):
+                rec = {
+                    "task": task,
+                    "task_id": item["task_id"],
+                    "subject": record_subject(item),
+                    "subject_ids": item["subject_ids"],
+                    "window_start": item["window_start"],
+                    "answer": tokenizer.decode(gen, skip_special_tokens=True).strip(),
+                    "target": item["target_text"].strip(),
+                }
+                if probs is not None:
+                    rec["class_probs"] = probs
+                preds.append(rec)
     if was_training:
         model.train()
     gathered: list[Any] = [None] * world_size
@@ -145,15 +202,17 @@ def evaluate_set(
         )
     s_all = sum(t[0] for t in totals.values())
     k_all = sum(t[1] for t in totals.values())
-    accs = [r["accuracy"] for r in records if r.get("accuracy") is not None]
-    summary = {
+    summary: dict[str, Any] = {
         "split": "eval",
         "step": step,
         "task": "all",
         "loss": s_all / k_all if k_all else None,
     }
-    if accs:
-        summary["accuracy"] = sum(accs) / len(accs)
+    # Means over the classification tasks that have the metric (what checkpoint.keep_best can name).
+    for key in ("accuracy", "balanced_accuracy", "auroc"):
+        values = [r[key] for r in records if r.get(key) is not None]
+        if values:
+            summary[key] = sum(values) / len(values)
     summary["count"] = len(all_preds)
     records.append(summary)
     return records, all_preds

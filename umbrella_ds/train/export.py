@@ -3,20 +3,29 @@
 An export is what a user needs to apply the trained patch embedding without DeepSpeed:
 
     DIR/patch_embed.safetensors   the trained MRIPatchEmbed state (fp32), keys relative to it
-    DIR/export.json               base model (preset or path) + its init seed, modalities, tokens
-                                  per image, the source checkpoint and the run config
+    DIR/export.json               base model (preset or path, init seed, sha256 of its frozen
+                                  weights), modalities, tokens per image, the preprocessing the
+                                  training shards were packed with, the source checkpoint and the
+                                  run config
     DIR/tokenizer/                the tokenizer the model was trained with
+    DIR/provenance.json           what made the export (umbrella_ds.provenance)
 
 The frozen base is rebuilt from its preset (random init with the run's seed, which is how training
 built it) or from a local pretrained directory (``base=`` may point at another copy of it).
 CKPT_DIR may be a run directory, its ``checkpoints`` directory (``latest`` is followed) or a step
 directory. The weights are read from DeepSpeed's checkpoint files with ``zero_to_fp32``'s
 consolidation (fp32 master weights, any ZeRO stage, any world size) on the CPU.
+
+Why the weights hash and the preprocessing: the patch embedding was trained against one frozen
+base and one preprocessing of the scans. ``load_trained`` refuses a base whose frozen weights hash
+differently (another checkpoint of the "same" model, a changed preset), and ``umbrella-infer``
+preprocesses new scans with the recorded parameters, so an export answers as evaluation did.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -30,6 +39,44 @@ log = logging.getLogger(__name__)
 PREFIX = "model."  # the engine wraps the HF model as LossModule.model
 EXPORT_INFO = "export.json"
 WEIGHTS = "patch_embed.safetensors"
+FORMAT = 2  # 2: + base weights sha256, preprocessing, shards fingerprint, provenance.json
+
+
+class BaseMismatchError(RuntimeError):
+    """The frozen base is not the one the patch embedding was trained with."""
+
+
+def base_weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the frozen weights (every parameter but the patch embedding's), by name.
+
+    Each tensor is hashed with its name and shape as contiguous float32 bytes, so the value does
+    not depend on the dtype the model was built in (bf16 -> fp32 is exact).
+    """
+    from umbrella_ds.model import find_patch_embed
+
+    skip = {id(p) for p in find_patch_embed(model).parameters()}
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if id(p) in skip:
+            continue
+        t = p.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def training_preprocessing(shards_dir: str | Path) -> tuple[dict[str, Any], str]:
+    """(preprocessing parameters, index fingerprint) of the shards a run trained on."""
+    from umbrella_ds.shards import ShardError, open_dataset
+
+    try:
+        ds = open_dataset(shards_dir)
+    except ShardError as e:
+        raise RuntimeError(
+            f"cannot read the training shards to record their preprocessing ({e}); pass "
+            "--shards DIR with a copy of them"
+        ) from e
+    return ds.preprocessing, ds.fingerprint
 
 
 def trained_state(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -45,16 +92,19 @@ def trained_state(step_dir: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def export(ckpt: str | Path, out: str | Path) -> Path:
+def export(ckpt: str | Path, out: str | Path, shards: str | Path | None = None) -> Path:
+    """Write the export of a checkpoint; ``shards`` overrides where the training shards are."""
     from safetensors.torch import save_file
 
     from umbrella_ds.config import config_from_dict
     from umbrella_ds.model import build_model, find_patch_embed, num_image_tokens
-    from umbrella_ds.train.checkpoint import read_meta, resolve
+    from umbrella_ds.provenance import write_provenance
+    from umbrella_ds.train.checkpoint import META, read_meta, resolve
 
     step_dir = resolve(ckpt)
     meta = read_meta(step_dir)
     cfg = config_from_dict(meta["config"])
+    preprocessing, shards_fp = training_preprocessing(shards or cfg.data.shards)
     state = trained_state(step_dir)
     model, tokenizer = build_model(
         cfg.model.source,
@@ -77,16 +127,31 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     save_file(patch_state, str(out / WEIGHTS))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out / "tokenizer"))
+    weights_sha = base_weights_sha256(model)
+    write_provenance(
+        out,
+        kind="export",
+        config=meta["config"],
+        inputs={
+            "checkpoint_meta": hashlib.sha256((step_dir / META).read_bytes()).hexdigest(),
+            "base_weights": weights_sha,
+            "shards_index": shards_fp,
+        },
+        extra={"checkpoint": str(step_dir), "step": meta["step"]},
+    )
     info = {
-        "format": 1,
+        "format": FORMAT,
         "base": {
             "preset": cfg.model.preset if not cfg.model.path else None,
             "path": cfg.model.path,
+            "weights_sha256": weights_sha,
         },
         "init": cfg.model.init,
         "seed": cfg.train.seed,
         "modalities": _modalities(cfg.model),
         "tokens_per_image": {m: num_image_tokens(model, m) for m in cfg.model.modalities},
+        "preprocessing": preprocessing,
+        "shards_fingerprint": shards_fp,
         "checkpoint": str(step_dir),
         "step": meta["step"],
         "fingerprints": meta["fingerprints"],
@@ -99,12 +164,17 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
 
 
 def load_trained(
-    path: str | Path, base: str | Path | None = None, dtype: torch.dtype = torch.float32
+    path: str | Path,
+    base: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    verify_base: bool = True,
 ):
     """Rebuild the patched model of an export: (model, tokenizer), in eval mode.
 
     ``base`` overrides where the frozen base comes from (a preset name or a local directory),
-    e.g. when the pretrained weights live elsewhere on this machine.
+    e.g. when the pretrained weights live elsewhere on this machine. With ``verify_base`` the
+    frozen weights must hash to what the export recorded (BaseMismatchError otherwise; exports
+    made before the hash was recorded are not checked).
     """
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -117,6 +187,16 @@ def load_trained(
     model, tokenizer = build_model(
         source, modalities=info["modalities"], init=info["init"], dtype=dtype, seed=info["seed"]
     )
+    want = info["base"].get("weights_sha256")
+    if verify_base and want:
+        got = base_weights_sha256(model)
+        if got != want:
+            trained_on = info["base"]["preset"] or info["base"]["path"]
+            raise BaseMismatchError(
+                f"base model mismatch: {path} was trained on a base ({trained_on}) whose frozen "
+                f"weights hash to {want}, but {source!r} builds weights hashing to {got}; point "
+                "--base at the base the run trained with"
+            )
     patch = find_patch_embed(model)
     state = load_file(str(path / WEIGHTS))
     patch.load_state_dict(state, strict=True)
@@ -170,10 +250,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="umbrella-export", description=__doc__.split("\n")[0])
     p.add_argument("ckpt", metavar="CKPT_DIR", help="run dir, its checkpoints dir, or a step dir")
     p.add_argument("--out", required=True, help="export directory")
+    p.add_argument(
+        "--shards",
+        default=None,
+        help="the training shards (their preprocessing is recorded), if moved from the run config's path",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
-        out = export(args.ckpt, args.out)
+        out = export(args.ckpt, args.out, shards=args.shards)
     except Exception as e:
         print(f"umbrella-export: {e}", file=sys.stderr)
         return 1

@@ -10,15 +10,19 @@ The parser (documented because metrics are only as trustworthy as it is):
 - Regression: the first number in the answer (``-12``, ``3.5``, ``1e3``); none -> unparseable,
   counted, and left out of MAE and Pearson r (there is no number to score).
 - A task is regression when every target parses as a number, classification otherwise.
+
+The statistics themselves (balanced accuracy, AUROC, bootstrap intervals over subjects,
+per-subject aggregation of rsfMRI windows) are defined in :mod:`umbrella_ds.train.stats`.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from umbrella_ds.train import stats
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -56,45 +60,40 @@ def is_regression(targets: Sequence[str]) -> bool:
 
 
 def classification_metrics(preds: Sequence[str | None], labels: Sequence[str]) -> dict[str, Any]:
-    n = len(labels)
-    correct = sum(p == y for p, y in zip(preds, labels))
-    recalls = []
-    for cls in sorted(set(labels)):
-        idx = [i for i, y in enumerate(labels) if y == cls]
-        recalls.append(sum(preds[i] == cls for i in idx) / len(idx))
     return {
-        "accuracy": correct / n if n else None,
-        "balanced_accuracy": sum(recalls) / len(recalls) if recalls else None,
-        "count": n,
+        "accuracy": stats.accuracy(preds, labels),
+        "balanced_accuracy": stats.balanced_accuracy(preds, labels),
+        "count": len(labels),
         "unparseable": sum(p is None for p in preds),
     }
 
 
 def regression_metrics(preds: Sequence[float | None], targets: Sequence[float]) -> dict[str, Any]:
-    pairs = [(p, y) for p, y in zip(preds, targets) if p is not None]
-    out: dict[str, Any] = {
+    return {
         "count": len(targets),
-        "unparseable": len(targets) - len(pairs),
-        "mae": None,
-        "pearson_r": None,
+        "unparseable": sum(p is None for p in preds),
+        "mae": stats.mae(preds, targets),
+        "pearson_r": stats.pearson_r(preds, targets),
     }
-    if pairs:
-        out["mae"] = sum(abs(p - y) for p, y in pairs) / len(pairs)
-    if len(pairs) >= 2:
-        xs, ys = zip(*pairs)
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        sxy = sum((x - mx) * (y - my) for x, y in pairs)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        syy = sum((y - my) ** 2 for y in ys)
-        out["pearson_r"] = sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
-    return out
 
 
-def score(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per-task metrics from prediction records (``task``, ``answer``, ``target``).
+def subject_of(record: dict[str, Any]) -> str | None:
+    """The subject a record is about: ``subject``, else the last of ``subject_ids``, else None."""
+    if record.get("subject"):
+        return str(record["subject"])
+    ids = record.get("subject_ids") or []
+    return str(ids[-1]) if ids else None
+
+
+def score(
+    records: Sequence[dict[str, Any]], *, n_boot: int = stats.N_BOOT, seed: int = stats.SEED
+) -> dict[str, dict[str, Any]]:
+    """Per-task metrics from prediction records (``task``, ``answer``, ``target``; optional
+    ``subject``/``subject_ids`` and, for classification, ``class_probs`` for AUROC).
 
     Adds ``parsed`` and ``label`` to each record in place, so predictions.jsonl shows how each
-    answer was read.
+    answer was read. Each task gets its counts, point estimates and ``ci95`` (bootstrap over
+    subjects), plus ``per_subject`` when some subject has several records (rsfMRI windows).
     """
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
@@ -102,17 +101,31 @@ def score(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     for task, recs in sorted(by_task.items()):
         targets = [r["target"] for r in recs]
+        # A record without a subject is its own unit of resampling.
+        subjects = [subject_of(r) or f"<record {i}>" for i, r in enumerate(recs)]
         if is_regression(targets):
             ys = [parse_number(t) for t in targets]
             ps = [parse_number(r["answer"]) for r in recs]
             for r, p, y in zip(recs, ps, ys):
                 r["parsed"], r["label"] = p, y
-            results[task] = {"kind": "regression", **regression_metrics(ps, ys)}
+            report = stats.regression_report(ps, ys, subjects, n_boot=n_boot, seed=seed)
+            results[task] = {"kind": "regression", **report}
         else:
             classes = class_vocabulary(targets)
             ys = [target_label(t, classes) for t in targets]
             ps = [parse_class(r["answer"], classes) for r in recs]
             for r, p, y in zip(recs, ps, ys):
                 r["parsed"], r["label"] = p, y
-            results[task] = {"kind": "classification", **classification_metrics(ps, ys)}
+            probs = [r.get("class_probs") for r in recs]
+            usable = all(p is not None and set(p) >= set(classes) for p in probs)
+            report = stats.classification_report(
+                ps,
+                ys,
+                subjects,
+                classes=classes,
+                probs=probs if usable else None,
+                n_boot=n_boot,
+                seed=seed,
+            )
+            results[task] = {"kind": "classification", **report}
     return results

@@ -1,0 +1,261 @@
+"""``umbrella-infer``: answers of a trained model for new, unpacked scans.
+
+    umbrella-infer --model EXPORT_DIR --prompt TEXT --scan T1=sub-01_T1w.nii.gz [--scan ...] [--out FILE]
+
+Why it gives the answer evaluation would give: the export carries everything that shaped the
+training inputs (``export.json``: the preprocessing parameters the shards were packed with, the
+base model's identity and a hash of its frozen weights, the run config; ``tokenizer/``). A scan
+goes through ``data_prep.preprocess`` with those parameters, which is the packing code itself,
+then through the evaluation path: the same instruction parser, renderer, dataset item, collate
+and greedy decoding (no sampling), with an in-memory reader in place of the shards.
+
+Images come first in the user turn, in the order given, then the prompt (the layout of the
+synthetic and predecessor instruction files). rsfMRI is windowed as evaluation windows it (the
+run's ``data.windows``): one answer per window, and the majority answer when there are several.
+
+Errors are clear and early: a base model whose weights do not hash to what the export was
+trained on, an export without recorded preprocessing, a modality the model was not trained on, or
+a preprocessing grid that does not match the model's input size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("umbrella_ds.infer")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class InferError(Exception):
+    """The model, a scan or the export's records do not fit together; the message says how."""
+
+
+class ScanReader:
+    """What InstructionDataset reads from (duck-typed like the shard reader), in memory."""
+
+    def __init__(self, volumes: dict[str, dict[str, np.ndarray]]) -> None:
+        self.volumes = volumes  # subject -> modality -> float16 array (reader layout)
+
+    def read(self, subject: str, modality: str) -> np.ndarray:
+        return self.volumes[subject][modality]
+
+    def read_window(self, subject: str, modality: str, start: int, length: int) -> np.ndarray:
+        return self.volumes[subject][modality][..., start : start + length]
+
+    def num_frames(self, subject: str) -> int:
+        return int(self.volumes[subject]["rsfMRI"].shape[-1])
+
+
+def parse_scan(text: str) -> tuple[str, Path]:
+    from umbrella_ds.data import normalize_modality
+
+    if "=" not in text:
+        raise InferError(f"--scan {text!r}: expected MODALITY=PATH (e.g. T1=sub-01_T1w.nii.gz)")
+    mod, path = text.split("=", 1)
+    try:
+        modality = normalize_modality(mod.strip())
+    except KeyError:
+        raise InferError(f"--scan {text!r}: unknown modality {mod!r} (T1, rsfMRI)") from None
+    return modality, Path(path).expanduser()
+
+
+def preprocess_scans(
+    scans: list[tuple[str, Path]], info: dict[str, Any]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Each scan -> the array packing would have stored, checked against the model's input grid."""
+    from data_prep.preprocess import preprocess_rsfmri, preprocess_t1
+    from data_prep.readers import InputRejected
+
+    params = info.get("preprocessing")
+    if not params:
+        raise InferError(
+            "the export records no preprocessing parameters (made by an older umbrella-export?): "
+            "re-export the checkpoint so new scans can be preprocessed exactly as the training data"
+        )
+    volumes: dict[str, dict[str, np.ndarray]] = {}
+    for k, (modality, path) in enumerate(scans):
+        if modality not in info["modalities"]:
+            raise InferError(
+                f"--scan {modality}={path}: the model was trained on {sorted(info['modalities'])}"
+            )
+        if modality not in params:
+            raise InferError(
+                f"--scan {modality}={path}: the training shards hold no {modality} preprocessing "
+                f"(have {sorted(params)})"
+            )
+        grid = list(params[modality]["size"])
+        want = list(info["modalities"][modality]["size"])[:3]
+        if grid != want:
+            raise InferError(
+                f"preprocessing mismatch for {modality}: packing resized to {grid} but the model's "
+                f"patch embedding expects {want}"
+            )
+        if not path.exists():
+            raise InferError(f"--scan {modality}={path}: no such file or folder")
+        try:
+            arr = (preprocess_t1 if modality == "T1" else preprocess_rsfmri)(path, params)
+        except InputRejected as exc:
+            raise InferError(
+                f"--scan {modality}={path}: rejected as packing would: {exc.reason}"
+            ) from exc
+        volumes[f"scan{k}"] = {modality: arr}
+    return volumes
+
+
+def build_task(prompt: str, scans: list[tuple[str, Path]]):
+    """The instruction record an instruction file would hold, parsed by the same parser."""
+    from umbrella_ds.data import parse_task
+
+    images = [{"type": "image", "modality": m, "image_path": str(p)} for m, p in scans]
+    record = {
+        "task_id": "infer",
+        "task_type": "T1" if len(scans) == 1 else "T3",
+        "subject_ids": [f"scan{k}" for k in range(len(scans))],
+        "conversations": [
+            {"role": "user", "content": [*images, {"type": "text", "text": prompt}]},
+            {"role": "assistant", "content": [{"type": "text", "text": ""}]},
+        ],
+        "metadata": {"task": "infer"},
+    }
+    return parse_task(record, "<umbrella-infer>")
+
+
+def infer(
+    export_dir: str | os.PathLike[str],
+    prompt: str,
+    scans: list[tuple[str, Path]],
+    *,
+    base: str | None = None,
+    max_new_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Answer ``prompt`` about ``scans`` with the exported model; returns the answer record."""
+    import torch
+
+    from umbrella_ds.config import config_from_dict
+    from umbrella_ds.data import InstructionDataset, Renderer, collate_eval
+    from umbrella_ds.model import greedy_generate, image_token_id
+    from umbrella_ds.train.eval_cli import cast_parameters
+    from umbrella_ds.train.export import EXPORT_INFO, BaseMismatchError, load_trained
+
+    export_dir = Path(export_dir)
+    if not (export_dir / EXPORT_INFO).is_file():
+        raise InferError(
+            f"--model {export_dir}: no {EXPORT_INFO} (not an umbrella-export directory)"
+        )
+    if not scans:
+        raise InferError("give at least one --scan MODALITY=PATH")
+    info = json.loads((export_dir / EXPORT_INFO).read_text())
+    cfg = config_from_dict(info["run_config"])
+    volumes = preprocess_scans(scans, info)
+    try:
+        model, tokenizer = load_trained(export_dir, base=base)
+    except BaseMismatchError as exc:
+        raise InferError(str(exc)) from exc
+    cast_parameters(model, cfg.train.bf16)  # the dtype evaluation ran in
+    tokens = {m: int(n) for m, n in info["tokens_per_image"].items()}
+    renderer = Renderer(tokenizer, tokens, cfg.data.max_length, cfg.data.overflow)
+    rs = info["modalities"].get("rsfMRI")
+    ds = InstructionDataset(
+        [build_task(prompt, scans)],
+        ScanReader(volumes),
+        renderer,
+        train=False,
+        seed=cfg.train.seed,
+        rsfmri_length=rs["size"][3] if rs else 1,
+        window_stride=cfg.data.window_stride,
+        windows=cfg.data.windows,
+        flip=False,
+    )
+    if len(ds) == 0:
+        raise InferError(
+            f"prompt + images longer than data.max_length={cfg.data.max_length} tokens"
+        )
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    n_new = max_new_tokens or cfg.eval.max_new_tokens
+    answers = []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[(0, i)]
+            batch = collate_eval(
+                [item],
+                pad_id=int(pad_id),
+                image_token_id=image_token_id(model),
+                tokens_per_image=tokens,
+            )
+            ids = greedy_generate(
+                model,
+                batch["prompt_ids"],
+                batch["attention_mask"],
+                batch["images"],
+                batch["image_positions"],
+                n_new,
+                int(eos_id),
+                all_modalities=tuple(info["modalities"]),
+            )
+            answers.append(
+                {
+                    "answer": tokenizer.decode(ids[0], skip_special_tokens=True).strip(),
+                    "window_start": item["window_start"],
+                }
+            )
+    votes = Counter(a["answer"] for a in answers)
+    return {
+        "prompt": prompt,
+        "scans": [{"modality": m, "path": str(p)} for m, p in scans],
+        "answer": votes.most_common(1)[0][0] if len(answers) > 1 else answers[0]["answer"],
+        "windows": answers if len(answers) > 1 else None,
+        "model": str(export_dir.resolve()),
+        "step": info.get("step"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="umbrella-infer", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="umbrella-export directory")
+    p.add_argument("--prompt", required=True, help="the question (images are put before it)")
+    p.add_argument(
+        "--scan",
+        action="append",
+        required=True,
+        metavar="MODALITY=PATH",
+        help="a raw scan: T1=file.nii.gz, rsfMRI=4d.nii.gz or rsfMRI=frame_folder; repeatable",
+    )
+    p.add_argument("--out", default=None, help="also write the answer record (JSON) here")
+    p.add_argument("--base", default=None, help="frozen base (preset or local dir), if moved")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval value")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="umbrella-infer: %(message)s")
+    try:
+        scans = [parse_scan(s) for s in args.scan]
+        result = infer(
+            args.model, args.prompt, scans, base=args.base, max_new_tokens=args.max_new_tokens
+        )
+    except InferError as exc:
+        print(f"umbrella-infer: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    text = json.dumps(result, indent=1)
+    if args.out:
+        from umbrella_ds.shards import atomic_write_text
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, text + "\n")
+    print(result["answer"])
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

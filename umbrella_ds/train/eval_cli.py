@@ -1,0 +1,287 @@
+"""``umbrella-eval``: greedy evaluation of a checkpoint or an export on packed subjects.
+
+    umbrella-eval --checkpoint RUN_DIR|CKPT_DIR|STEP_DIR|EXPORT_DIR --data SHARD_DIR \\
+                  --instructions FILE [FILE ...] [--out DIR]
+
+The numbers are the in-training evaluation's: the same dataset construction (the run config's
+data section, with --data and --instructions swapped in), the same sharding over ranks, the same
+greedy decoding, answer parsing and statistics (``evaluate.evaluate_set``). The model is rebuilt
+without DeepSpeed: the frozen base from the run config and the trained patch embedding from the
+checkpoint's fp32 master weights, cast to bf16 when the run trained in bf16 (what DeepSpeed's
+module held), so a checkpoint evaluated here gives the record its run logged at that step.
+
+Started alone it runs on one process; under the deepspeed launcher, torchrun, srun or mpirun it
+shards the evaluation set over the ranks (``train/env.py`` discovery). Every rank holds the whole
+model: a model that only fits partitioned (ZeRO-3) is evaluated during training instead.
+
+Rank 0 alone writes ``OUT/predictions.jsonl``, ``OUT/metrics.json`` and ``OUT/provenance.json``.
+Exit status: 0 done, 1 failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("umbrella_ds.eval")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A wrong argument: exit status 2, the message names it."""
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="umbrella-eval",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run dir or its checkpoints dir (through `latest`), a step dir, or an umbrella-export dir",
+    )
+    p.add_argument("--data", required=True, help="packed shard directory (umbrella-pack build)")
+    p.add_argument(
+        "--instructions", required=True, nargs="+", help="instruction file(s) or folder(s)"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: RUN_DIR/eval-STEP for a checkpoint, EXPORT_DIR/eval for "
+        "an export)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval value")
+    p.add_argument("--micro-batch", type=int, default=None, help="default: the run's eval value")
+    p.add_argument("--max-samples", type=int, default=None, help="evaluate the first N only")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="where the frozen base comes from (preset or local dir), if not where the run had it",
+    )
+    p.add_argument("--timeout-s", type=int, default=1800, help="collective timeout")
+    # The deepspeed launcher appends --local_rank=N (the rank comes from the environment).
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+# ---------------------------------------------------------------- what to evaluate
+
+
+@dataclasses.dataclass
+class Source:
+    kind: str  # "checkpoint" | "export"
+    path: Path  # step dir or export dir
+    config: Any  # RunConfig
+    step: int
+    fingerprint: str  # sha256 of meta.json / export.json
+
+
+def resolve_source(path: str) -> Source:
+    from umbrella_ds.config import config_from_dict
+    from umbrella_ds.train.checkpoint import META, CheckpointError, read_meta, resolve
+    from umbrella_ds.train.export import EXPORT_INFO
+
+    p = Path(path).expanduser().resolve()
+    if (p / EXPORT_INFO).is_file():
+        info = json.loads((p / EXPORT_INFO).read_text())
+        return Source(
+            "export",
+            p,
+            config_from_dict(info["run_config"]),
+            int(info["step"]),
+            _sha(p / EXPORT_INFO),
+        )
+    try:
+        step_dir = resolve(p)
+    except CheckpointError as exc:
+        raise UsageError(f"--checkpoint {path}: {exc} (nor an export: no {EXPORT_INFO})") from exc
+    meta = read_meta(step_dir)
+    return Source(
+        "checkpoint",
+        step_dir,
+        config_from_dict(meta["config"]),
+        int(meta["step"]),
+        _sha(step_dir / META),
+    )
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def default_out(src: Source) -> Path:
+    if src.kind == "export":
+        return src.path / "eval"
+    # step dir = RUN/checkpoints/step-N  ->  RUN/eval-step-N
+    return src.path.parent.parent / f"eval-{src.path.name}"
+
+
+def cast_parameters(model, bf16: bool) -> None:
+    """What DeepSpeed's bf16 engine does to the module: parameters to bf16, buffers untouched
+    (rotary ``inv_freq`` stays fp32). ``model.to(bf16)`` would also cast buffers and change the
+    numbers, so evaluation after training would not reproduce evaluation during it."""
+    import torch
+
+    if not bf16:
+        return
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != torch.bfloat16:
+            p.data = p.data.to(torch.bfloat16)
+
+
+def load_model(src: Source, base: str | None):
+    """The patched model and tokenizer in the dtype the run evaluated in, in eval mode."""
+    from umbrella_ds.train.export import load_checkpoint_model, load_trained
+
+    if src.kind == "export":
+        model, tokenizer = load_trained(src.path, base=base)
+    else:
+        model, tokenizer = load_checkpoint_model(src.path, base=base)
+    cast_parameters(model, src.config.train.bf16)
+    model.eval()
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- run
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from umbrella_ds.train import env
+
+    src = resolve_source(args.checkpoint)
+    for name in ("max_new_tokens", "micro_batch", "max_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    data_dir = Path(args.data).expanduser().resolve()
+    if not (data_dir / "index.json").is_file():
+        raise UsageError(f"--data {args.data}: no index.json (not a packed shard directory)")
+    files = [str(Path(f).expanduser().resolve()) for f in args.instructions]
+    for f in files:
+        if not Path(f).exists():
+            raise UsageError(f"--instructions {f}: no such file or folder")
+    out = Path(args.out).expanduser().resolve() if args.out else default_out(src)
+
+    denv = env.discover()
+    env.init_distributed(denv, args.timeout_s)
+    try:
+        return _run(src, args, denv, data_dir, files, out)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(src: Source, args, denv, data_dir: Path, files: list[str], out: Path) -> int:
+    import torch.distributed as dist
+
+    from umbrella_ds.provenance import write_provenance
+    from umbrella_ds.shards import atomic_write_text, open_dataset
+    from umbrella_ds.train import env
+    from umbrella_ds.train.evaluate import evaluate_set
+    from umbrella_ds.train.inputs import build_inputs
+
+    cfg = src.config
+    model, tokenizer = load_model(src, args.base)
+    device = env.device_for(denv)
+    model.to(device)
+    # The run's data settings (windows, max_length, ...) with this data: the eval set is built
+    # exactly as build_inputs builds it in training (it is also passed as "train" only because
+    # build_inputs needs one; overlap with itself is of course allowed here).
+    data = dataclasses.replace(
+        cfg.data, shards=str(data_dir), train=files, eval=files, allow_overlap=True
+    )
+    inputs = build_inputs(data, cfg.model, model, tokenizer, cfg.train.seed)
+    ecfg = dataclasses.replace(
+        cfg.eval,
+        max_new_tokens=args.max_new_tokens or cfg.eval.max_new_tokens,
+        max_samples=args.max_samples if args.max_samples is not None else cfg.eval.max_samples,
+    )
+    micro = args.micro_batch or cfg.eval.micro_batch or cfg.train.micro_batch
+    records, preds = evaluate_set(
+        model,
+        inputs,
+        tokenizer,
+        ecfg,
+        micro,
+        rank=denv.rank,
+        world_size=denv.world_size,
+        device=device,
+        all_modalities=tuple(cfg.model.modalities),
+        step=src.step,
+    )
+    hosts: list[Any] = [None] * denv.world_size
+    dist.all_gather_object(hosts, {"rank": denv.rank, "host": denv.host, "node": denv.slurm_node})
+    if denv.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
+        summary = {
+            "source": {"kind": src.kind, "path": str(src.path), "step": src.step},
+            "data": str(data_dir),
+            "instructions": files,
+            "max_new_tokens": ecfg.max_new_tokens,
+            "micro_batch": micro,
+            "world_size": denv.world_size,
+            "records": records,
+        }
+        atomic_write_text(out / "metrics.json", json.dumps(summary, indent=1) + "\n")
+        write_provenance(
+            out,
+            kind="eval",
+            config={
+                **cfg.to_dict(),
+                "eval": dataclasses.asdict(ecfg),
+                "data": dataclasses.asdict(data),
+            },
+            inputs={
+                f"{src.kind}": src.fingerprint,
+                "shards_index": open_dataset(data_dir).fingerprint,
+                "data": inputs.data_fingerprint,
+            },
+            extra={"source": str(src.path), "step": src.step, "launcher": denv.launcher},
+            ranks=hosts,
+        )
+        for r in records:
+            log.info("%s", json.dumps(r))
+        print(f"umbrella-eval: {len(preds)} predictions, metrics in {out / 'metrics.json'}")
+    dist.barrier()
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    rank = next(
+        (
+            os.environ[k]
+            for k in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
+            if k in os.environ
+        ),
+        "0",
+    )
+    logging.basicConfig(
+        level=logging.INFO if rank == "0" else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"umbrella-eval: usage error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception:
+        log.exception("umbrella-eval failed")
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
