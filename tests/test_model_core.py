@@ -202,9 +202,58 @@ def test_published_parameter_counts_on_meta(name):
 
 
 # --- loss -----------------------------------------------------------------------------------
-def test_supervised_only_loss_equals_full_logits_hf_loss(built):
+def _separate_batch(model, supervised: tuple[int, int]) -> dict:
+    """sample0: an rsfMRI-only sample; sample1: a T1-only sample, longer, padded differently."""
+    img = image_token_id(model)
+    l_t1, l_rs = num_image_tokens(model, "T1"), num_image_tokens(model, "rsfMRI")
+    g = torch.Generator().manual_seed(2)
+
+    def text(n: int) -> list[int]:
+        return torch.randint(10, 500, (n,), generator=g).tolist()
+
+    s0 = [*text(2), *[img] * l_rs, *text(9)]
+    s1 = [*text(5), *[img] * l_t1, *text(3)]
+    seq = max(len(s0), len(s1))
+    ids = torch.zeros(2, seq, dtype=torch.long)
+    mask = torch.zeros(2, seq, dtype=torch.long)
+    for i, s in enumerate((s0, s1)):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    loss_pos, loss_tgt = [], []
+    for i, s in enumerate((s0, s1)):
+        for t in range(len(s) - 1 - supervised[i], len(s) - 1):
+            loss_pos.append(i * seq + t)
+            loss_tgt.append(s[t + 1])
+    images = _images()
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "images": {"T1": images["T1"][:1], "rsfMRI": images["rsfMRI"]},
+        "image_positions": {
+            "T1": torch.tensor([seq + 5 + k for k in range(l_t1)]),
+            "rsfMRI": torch.tensor([2 + k for k in range(l_rs)]),
+        },
+        "loss_positions": torch.tensor(loss_pos),
+        "loss_targets": torch.tensor(loss_tgt),
+        "num_loss_tokens": len(loss_pos),
+    }
+
+
+# T1 and rsfMRI samples, in one sample or in separate ones, each with its own supervised count
+LOSS_CASES = [
+    ("mixed", (4, 1)),
+    ("mixed", (1, 3)),
+    ("separate", (6, 1)),
+    ("separate", (2, 3)),
+]
+
+
+@pytest.mark.parametrize("layout,supervised", LOSS_CASES)
+def test_supervised_only_loss_equals_full_logits_hf_loss(built, layout, supervised):
     model, _ = built
-    batch = _batch(model, supervised=(4, 1))
+    make = _batch if layout == "mixed" else _separate_batch
+    batch = make(model, supervised=supervised)
+    assert batch["num_loss_tokens"] == sum(supervised)
     k = batch["num_loss_tokens"]
     with torch.no_grad():
         loss, loss_sum = model_forward_loss(model, batch, k)
@@ -218,6 +267,21 @@ def test_supervised_only_loss_equals_full_logits_hf_loss(built):
         ).loss
     torch.testing.assert_close(loss, ref.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss_sum / k, loss, rtol=1e-6, atol=1e-6)
+
+
+def test_training_forward_runs_the_lm_without_cache(built):
+    model, _ = built
+    seen = []
+    hook = language_model(model).register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs.get("use_cache")), with_kwargs=True
+    )
+    try:
+        batch = _batch(model)
+        with torch.no_grad():
+            model_forward_loss(model, batch, batch["num_loss_tokens"])
+    finally:
+        hook.remove()
+    assert seen == [False]
 
 
 # --- activation checkpointing ---------------------------------------------------------------

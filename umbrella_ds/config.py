@@ -68,6 +68,7 @@ class DataConfig:
     flip: bool = True
     num_workers: int = 0
     prefetch_factor: int = 2
+    allow_overlap: bool = False  # let a subject be in both data.train and data.eval (leakage guard)
 
 
 @dataclass
@@ -165,7 +166,7 @@ class RunConfig:
             d.pop(key)
         for key in ("max_steps", "max_bad_steps", "collective_timeout_s"):
             d["train"].pop(key)
-        for key in ("shards", "train", "eval", "num_workers", "prefetch_factor"):
+        for key in ("shards", "train", "eval", "num_workers", "prefetch_factor", "allow_overlap"):
             d["data"].pop(key)
         return _hash(d)
 

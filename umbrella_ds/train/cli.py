@@ -1,4 +1,8 @@
-"""``umbrella-train`` / ``python -m umbrella_ds.train``: arguments -> config -> run -> exit status."""
+"""``umbrella-train`` / ``python -m umbrella_ds.train``: arguments -> config -> run -> exit status.
+
+With ``--find-micro-batch`` it trains nothing: one process reports the largest micro-batch that
+fits the config and its throughput (umbrella_ds/train/micro_batch.py), then exits 0.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +40,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="resume even though the config, model or data fingerprint changed",
     )
+    finder = p.add_argument_group("micro-batch finder (one process, no training)")
+    finder.add_argument(
+        "--find-micro-batch",
+        action="store_true",
+        help="report the largest train.micro_batch that fits this config, and its samples/s",
+    )
+    finder.add_argument(
+        "--max-memory-gib",
+        type=float,
+        default=None,
+        help="finder memory cap in GiB (GPU: peak allocated in the step; CPU: RSS growth in the step)",
+    )
+    finder.add_argument("--max-micro-batch", type=int, default=1024, help="stop doubling here")
+    finder.add_argument("--finder-steps", type=int, default=2, help="timed steps per size")
+    finder.add_argument(
+        "--text-tokens",
+        type=int,
+        default=64,
+        help="text tokens per synthetic sample (besides one image per configured modality)",
+    )
+    finder.add_argument(
+        "--answer-tokens", type=int, default=4, help="supervised tokens per synthetic sample"
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -50,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"umbrella-train: config error: {e}", file=sys.stderr)
         return 2
+    if args.find_micro_batch:
+        return _find_micro_batch(cfg, args)
     from umbrella_ds.train.engine import EXIT_FAILED, run
 
     try:
@@ -61,6 +90,32 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.getLogger("umbrella_ds.train").exception("training failed")
         return EXIT_FAILED
+
+
+def _find_micro_batch(cfg, args: argparse.Namespace) -> int:
+    from umbrella_ds.train import micro_batch as mbf
+
+    for name in ("max_micro_batch", "finder_steps", "text_tokens", "answer_tokens"):
+        if getattr(args, name) < 1:
+            print(f"umbrella-train: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    best, trials = mbf.find_micro_batch(
+        cfg,
+        max_memory_gib=args.max_memory_gib,
+        max_micro_batch=args.max_micro_batch,
+        steps=args.finder_steps,
+        text_tokens=args.text_tokens,
+        answer_tokens=args.answer_tokens,
+    )
+    print(mbf.format_table(trials, mbf.device_label()))
+    if best is None:
+        print("umbrella-train: even micro-batch 1 does not fit", file=sys.stderr)
+        return 1
+    print(
+        f"largest micro-batch that fits: {best.micro_batch} "
+        f"({best.samples_per_s:.2f} samples/s per process; peak {best.peak_gib:.3f} GiB)"
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ from umbrella_ds.config import RunConfig
 from umbrella_ds.data import ResumableSampler
 from umbrella_ds.model import (
     build_model,
-    find_patch_embed,
     language_model,
     lm_head,
     model_forward_loss,
     parameter_table,
+    projector,
     vision_tower,
 )
+from umbrella_ds.provenance import write_provenance
 from umbrella_ds.shards import open_dataset
 from umbrella_ds.train import checkpoint as ckpt
 from umbrella_ds.train import ds_setup, env, signals
@@ -45,7 +46,7 @@ from umbrella_ds.train.inputs import (
     to_device,
     train_loader,
 )
-from umbrella_ds.train.run_logging import FlopCounter, RunLogger, peak_flops
+from umbrella_ds.train.run_logging import FlopCounter, RunLogger, device_peak, mfu
 
 log = logging.getLogger("umbrella_ds.train")
 
@@ -110,9 +111,12 @@ def _run(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) -
         seed=cfg.train.seed,
     )
     if cfg.train.compile == "blocks":
-        compile_blocks(model)
+        n_blocks = compile_blocks(model, zero3=zero3)
+        if rank == 0:
+            log.info("train.compile=blocks: compiled %d transformer blocks", n_blocks)
     inputs = build_inputs(cfg.data, cfg.model, model, tokenizer, cfg.train.seed)
-    flops = flop_counter(model, cfg)
+    ck = cfg.model.checkpointing
+    flops = flop_counter(model, (ck.vision, ck.language))
     engine, sched = ds_setup.initialize(LossModule(model, all_mods), cfg.train, ds_cfg)
     sampler = ResumableSampler(
         len(inputs.train_set),
@@ -162,7 +166,7 @@ class _Trainer:
         )
         self.flops = flops
         self.gas = cfg.train.accumulation(dist.get_world_size())
-        self.peak = peak_flops()
+        self.device_name, self.peak, self.peak_name = device_peak()
         self.nan_steps = {int(s) for s in os.environ.get(NAN_STEPS_ENV, "").split(",") if s.strip()}
 
     def loop(self, step: int) -> int:
@@ -260,7 +264,6 @@ class _Trainer:
             return
         grad_norm = self.engine.get_global_grad_norm()
         useful = self.flops.useful(counts["image_tokens"], counts["tokens"], counts["loss_tokens"])
-        mfu = useful / (dt * self.peak * self.world) if self.peak else None
         record = {
             "split": "train",
             "step": step,
@@ -270,13 +273,13 @@ class _Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None and applied else None,
             "samples_per_s": self.cfg.train.global_batch / dt,
             "tokens_per_s": counts["tokens"] / dt,
-            "mfu": mfu,
+            "mfu": mfu(useful, dt, self.peak, self.world),
             "data_wait_frac": t_data / dt,
             "skipped": not applied,
         }
-        if self.peak and any(self.flops.recompute):
+        if self.flops.recomputes:
             extra = self.flops.recomputed(counts["image_tokens"], counts["tokens"])
-            record["hfu"] = (useful + extra) / (dt * self.peak * self.world)
+            record["hfu"] = mfu(useful + extra, dt, self.peak, self.world)
         self.logger.write(record)
         self.logger.progress(step, loss, lr)
 
@@ -328,7 +331,16 @@ def _write_start(logger: RunLogger, denv: env.DistEnv, cfg: RunConfig, fps, foun
         hosts, {"rank": denv.rank, "host": denv.host, "slurm_node": denv.slurm_node}
     )
     if denv.rank == 0:
+        write_provenance(
+            cfg.output_dir,
+            kind="train",
+            config=cfg.to_dict(),
+            inputs=dict(fps),
+            extra={"launcher": denv.launcher, "resumed_from": str(found.path) if found else None},
+            ranks=[{"rank": h["rank"], "host": h["host"], "node": h["slurm_node"]} for h in hosts],
+        )
         _, table = parameter_table(model)
+        device_name, peak, peak_name = device_peak()
         logger.write(
             {
                 "split": "start",
@@ -339,36 +351,87 @@ def _write_start(logger: RunLogger, denv: env.DistEnv, cfg: RunConfig, fps, foun
                 "resumed_from": str(found.path) if found else None,
                 "fingerprints": fps,
                 "parameters": table,
+                "device": device_name,
+                "peak_flops": peak,
+                "peak_name": peak_name,
             }
         )
 
 
-def compile_blocks(model: nn.Module) -> None:
-    """Regional compilation: every transformer block of both towers (``train.compile=blocks``)."""
-    blocks = [
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every encoder layer of the vision tower and decoder layer of the language model."""
+    return [
         m for m in model.modules() if type(m).__name__.endswith(("EncoderLayer", "DecoderLayer"))
     ]
+
+
+def compile_blocks(model: nn.Module, zero3: bool = False) -> int:
+    """Regional compilation (``train.compile=blocks``): ``module.compile()`` on every block.
+
+    Compiling blocks, not the whole model, keeps compile time to one graph per block type and
+    leaves the host-built index gathers, the per-modality loop and DeepSpeed's engine eager.
+    Call it after the model is built and before ``deepspeed.initialize``.
+
+    ZeRO-3 registers parameter-gathering hooks on every submodule; inside a compiled block each
+    of them is a graph break (they are ``torch.compiler.disable``d) and the NVTX-wrapped
+    post-forward hook makes dynamo recompile until it hits its recompile limit. So under ZeRO-3
+    each block is declared a ZeRO-3 *leaf module*: its parameters are gathered once at block
+    entry and released at exit, hooks sit only on the block, and the block body compiles as one
+    graph. NVTX ranges are switched off, as ``DeepSpeedEngine.compile`` does, for the same reason.
+    Returns the number of blocks compiled.
+    """
+    blocks = transformer_blocks(model)
     if not blocks:
         raise RuntimeError("train.compile=blocks: found no transformer blocks to compile")
+    if zero3:
+        import deepspeed.utils.nvtx
+        from deepspeed.utils import set_z3_leaf_modules
+
+        deepspeed.utils.nvtx.enable_nvtx = False
+        set_z3_leaf_modules(model, sorted({type(b) for b in blocks}, key=lambda t: t.__name__))
     for block in blocks:
         block.compile()
+    return len(blocks)
 
 
-def _numel(module: nn.Module, exclude: nn.Module | None = None) -> int:
-    skip = {id(p) for p in exclude.parameters()} if exclude is not None else set()
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters() if id(p) not in skip)
+def _numel(module: nn.Module) -> int:
+    # ZeRO-3 partitioned parameters are empty locally; ds_numel is the full size.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
 
 
-def flop_counter(model: nn.Module, cfg: RunConfig) -> FlopCounter:
+def _feature_layers(layer: int | list[int], num_layers: int) -> int:
+    """Encoder layers the selected hidden state depends on (hidden_states[0] = embeddings)."""
+    idx = [layer] if isinstance(layer, int) else list(layer)
+    return max(i if i >= 0 else num_layers + 1 + i for i in idx)
+
+
+def flop_counter(model: nn.Module, checkpointing: tuple[bool, bool]) -> FlopCounter:
+    """The FLOP formula's parameter counts, read from the built model (see run_logging)."""
+    tower = vision_tower(model)
+    vt = getattr(tower, "vision_model", tower)
+    layers = list(vt.encoder.layers)
+    per_layer = [_numel(m) for m in layers]
+    grad_layers = sum(per_layer[: _feature_layers(model.config.vision_feature_layer, len(layers))])
+    proj = _numel(projector(model))
+    head = getattr(vt, "head", None)  # SigLIP pooling head: runs forward, gets no gradient
+    head_kv = 0
+    if head is not None:
+        h_v = int(vt.config.hidden_size)
+        head_kv = 2 * h_v * h_v  # key/value projections of every token (the query is one probe)
     lm = language_model(model)
-    head = lm_head(model)
-    shape = getattr(head.weight, "ds_shape", head.weight.shape)
-    vocab, hidden = int(shape[0]), int(shape[1])
-    n_vision = _numel(vision_tower(model), find_patch_embed(model))
-    n_vision += _numel(model) - _numel(lm) - _numel(vision_tower(model)) - _numel(head)  # projector
-    n_lang = _numel(lm, lm.get_input_embeddings())
-    ck = cfg.model.checkpointing
-    return FlopCounter(n_vision, n_lang, hidden, vocab, (ck.vision, ck.language))
+    n_lang = sum(_numel(m) for m in lm.layers)
+    weight = lm_head(model).weight
+    vocab, hidden = (int(x) for x in getattr(weight, "ds_shape", weight.shape))
+    vision_ck, language_ck = checkpointing
+    return FlopCounter(
+        vision_forward=sum(per_layer) + proj + head_kv,
+        vision_backward=grad_layers + proj,
+        language=n_lang,
+        hidden=hidden,
+        vocab=vocab,
+        vision_recompute=grad_layers if vision_ck else 0,
+        language_recompute=n_lang if language_ck else 0,
+    )
 
 
 def _setup_logging(rank: int) -> None:

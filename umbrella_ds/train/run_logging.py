@@ -9,19 +9,27 @@ metrics.jsonl records, one JSON object a line:
 - ``{"split": "eval", "step", "task", "loss", accuracy ... }`` per evaluated task
 
 MFU (model FLOPs utilisation) counts the useful work of a step and divides by the step time and
-the peak of all GPUs (null on CPU or an unknown GPU). With N_v the vision-tower parameters a token
-passes (patch embedding excluded), N_l the language-model parameters a token passes (token
-embedding excluded), T_img the image tokens into the vision tower, T the non-pad tokens into the
-language model, K the supervised positions, H the hidden size and V the vocabulary:
+the dense bf16 peak of all GPUs (null on CPU or an unknown GPU; the peak and its name are in the
+``start`` record). Only the patch embedding trains, so frozen weights need no weight gradients:
+the backward pass costs activation gradients only, and only where the gradient passes. With
 
-    forward    2 (N_v T_img + N_l T + H V K)
-    backward   2 (N_v T_img + N_l T + H V K)   activation gradients only: frozen weights need no
-                                                weight gradients (the patch embedding's are negligible)
-    step FLOPs 4 (N_v T_img + N_l T + H V K)
+  T_img  image tokens into the vision tower       T  non-pad tokens into the language model
+  K      supervised positions                     H  text hidden size,  V  vocabulary
+  N_vf   vision parameters a token passes forward: every encoder layer that runs, the
+         projector, and (SigLIP pooling head, if the tower has one) its key/value projections
+  N_vb   vision parameters the gradient passes back through: encoder layers up to the selected
+         ``vision_feature_layer``, and the projector
+  N_l    decoder-layer parameters (token embedding, final norm and LM head excluded)
 
-Attention-score FLOPs are left out (short sequences). Recomputation under activation
-checkpointing (another forward, 2 (N_v T_img + N_l T)) is *not* useful work: it is reported as
-``hfu`` (hardware FLOPs utilisation) beside ``mfu`` when checkpointing is on.
+    forward    2 (N_vf T_img + N_l T + H V K)        (the LM head only at the K positions)
+    backward   2 (N_vb T_img + N_l T + H V K)        activation gradients only
+    useful     forward + backward                    -> mfu
+
+Left out: attention-score FLOPs (short sequences), norms/activations, and the patch embedding
+itself (< 2% of the vision tower). Recomputation under activation checkpointing is not useful
+work: another forward of the checkpointed layers the gradient passes,
+2 (N_vb_layers T_img [vision on] + N_l T [language on]), is added for ``hfu`` (hardware FLOPs
+utilisation), reported beside ``mfu`` when checkpointing is on.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,37 +48,94 @@ from umbrella_ds.config import LogConfig
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peaks (FLOP/s) by a substring of torch.cuda.get_device_name().
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, by a pattern of
+# torch.cuda.get_device_name(); the first match wins, so specific variants come first.
+PEAK_BF16: list[tuple[str, str, float]] = [
+    (r"H100.*PCIe", "H100 PCIe bf16 dense", 756e12),
+    (r"H100.*NVL", "H100 NVL bf16 dense", 835e12),
+    (r"GH200", "GH200 bf16 dense", 989e12),
+    (r"H200", "H200 bf16 dense", 989e12),
+    (r"H100", "H100 SXM bf16 dense", 989e12),
+    (r"B200", "B200 bf16 dense", 2250e12),
+    (r"A100", "A100 bf16 dense", 312e12),
+    (r"L40S", "L40S bf16 dense", 362e12),
+    (r"\bA10\b", "A10 bf16 dense", 125e12),
+]
+
+
+def gpu_peak(device_name: str) -> tuple[float, str] | None:
+    """(peak FLOP/s, its name) for a CUDA device name, or None when unknown."""
+    for pattern, label, peak in PEAK_BF16:
+        if re.search(pattern, device_name):
+            return peak, label
+    return None
+
+
+def device_peak() -> tuple[str, float | None, str | None]:
+    """(device name, peak FLOP/s or None, peak name or None) of this process's device."""
+    if os.environ.get("DS_ACCELERATOR", "").lower() == "cpu" or not torch.cuda.is_available():
+        return "cpu", None, None
+    name = torch.cuda.get_device_name()
+    found = gpu_peak(name)
+    if found is None:
+        log.warning("no known bf16 peak for %r: mfu will be null (add it to PEAK_BF16)", name)
+        return name, None, None
+    return name, found[0], found[1]
 
 
 def peak_flops() -> float | None:
-    if os.environ.get("DS_ACCELERATOR", "").lower() == "cpu" or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return device_peak()[1]
 
 
+@dataclass(frozen=True)
 class FlopCounter:
-    """Per-step FLOPs from the counts the collate already has (see the module docstring)."""
+    """Per-step FLOPs from the counts the collate already has (see the module docstring).
 
-    def __init__(
-        self, n_vision: int, n_language: int, hidden: int, vocab: int, recompute: tuple[bool, bool]
-    ):
-        self.n_vision, self.n_language = n_vision, n_language
-        self.hidden, self.vocab = hidden, vocab
-        self.recompute = recompute
+    ``vision_forward`` = N_vf, ``vision_backward`` = N_vb, ``language`` = N_l;
+    ``vision_recompute`` / ``language_recompute``: parameters of the checkpointed layers replayed
+    in backward (0 where that tower's checkpointing is off).
+    """
 
-    def useful(self, image_tokens: int, tokens: int, loss_tokens: int) -> float:
-        return 4.0 * (
-            self.n_vision * image_tokens
-            + self.n_language * tokens
+    vision_forward: int
+    vision_backward: int
+    language: int
+    hidden: int
+    vocab: int
+    vision_recompute: int = 0
+    language_recompute: int = 0
+
+    def forward(self, image_tokens: int, tokens: int, loss_tokens: int) -> float:
+        return 2.0 * (
+            self.vision_forward * image_tokens
+            + self.language * tokens
             + self.hidden * self.vocab * loss_tokens
         )
 
+    def backward(self, image_tokens: int, tokens: int, loss_tokens: int) -> float:
+        return 2.0 * (
+            self.vision_backward * image_tokens
+            + self.language * tokens
+            + self.hidden * self.vocab * loss_tokens
+        )
+
+    def useful(self, image_tokens: int, tokens: int, loss_tokens: int) -> float:
+        return self.forward(image_tokens, tokens, loss_tokens) + self.backward(
+            image_tokens, tokens, loss_tokens
+        )
+
+    @property
+    def recomputes(self) -> bool:
+        return bool(self.vision_recompute or self.language_recompute)
+
     def recomputed(self, image_tokens: int, tokens: int) -> float:
-        v, lang = self.recompute
-        return 2.0 * (self.n_vision * image_tokens * v + self.n_language * tokens * lang)
+        return 2.0 * (self.vision_recompute * image_tokens + self.language_recompute * tokens)
+
+
+def mfu(flops: float, seconds: float, peak: float | None, devices: int) -> float | None:
+    """Achieved FLOP/s over the peak of ``devices`` GPUs; None without a known peak."""
+    if not peak or seconds <= 0:
+        return None
+    return flops / (seconds * peak * devices)
 
 
 class RunLogger:
