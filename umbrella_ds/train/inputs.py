@@ -29,6 +29,7 @@ from umbrella_ds.data import (
 )
 from umbrella_ds.model import image_token_id, num_image_tokens
 from umbrella_ds.shards import open_dataset
+from umbrella_ds.train.leakage import check_no_overlap
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,13 @@ def build_inputs(data: DataConfig, model_cfg: ModelConfig, model, tokenizer, see
         raise RuntimeError("data.train names no instruction file")
     train_set = dataset(data.train, train=True)
     eval_set = dataset(data.eval, train=False) if data.eval else None
+    if eval_set is not None:
+        shared = check_no_overlap(train_set.tasks, eval_set.tasks, allow=data.allow_overlap)
+        if shared:
+            log.warning(
+                "%d subject(s) in both data.train and data.eval (allowed by data.allow_overlap)",
+                len(shared),
+            )
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
