@@ -8,9 +8,13 @@ A dataset directory holds ``shard-00000.h5`` ... and ``index.json`` (written las
 
 from __future__ import annotations
 
+import atexit
+import errno
 import hashlib
 import json
 import os
+import shutil
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +41,11 @@ COMPRESSIONS = ("none", "lzf", "gzip")
 CHUNK_CACHE_BYTES = 0
 # The cheap check hashes this much of each end of a shard (small shards: the whole file).
 STAMP_BYTES = 1 << 20
+# One wording for a damaged shard, whether `umbrella-pack verify` or training's start-up check
+# finds it, so the user greps one message and finds one remedy.
+CORRUPT = (
+    "corrupt: its bytes changed since packing; restore it or re-pack (umbrella-pack build --resume)"
+)
 
 # Dataset and attribute names inside a shard file.
 DS_T1 = "T1"
@@ -244,6 +253,12 @@ class ShardWriter:
 
     def close(self) -> ShardRecord:
         """Finish the file, fsync it, hash it and move it into place atomically."""
+        try:
+            return self._finish()
+        except (OSError, RuntimeError) as exc:  # h5py reports ENOSPC as either
+            raise ShardError(_write_failed(self.final, self.out_dir, exc)) from exc
+
+    def _finish(self) -> ShardRecord:
         str_dt = h5py.string_dtype("utf-8")
         self._f.create_dataset(
             DS_T1_SUBJECTS,
@@ -283,11 +298,59 @@ class ShardWriter:
         return record
 
     def abort(self) -> None:
-        """Drop the temporary file (a failed shard never appears under its final name)."""
+        """Drop the temporary file (a failed shard never appears under its final name).
+
+        Called while the error that failed the shard propagates. On a full disk HDF5's close
+        retries the failed flush; when that fails too, h5py leaves objects that crash the process
+        (SIGSEGV) when touched or freed later. The file is garbage: truncating it first gives its
+        pages back so that the one close can succeed; if it still fails, the objects are kept
+        alive and never touched again.
+        """
         try:
+            if self.tmp.exists():
+                os.truncate(self.tmp, 0)
             self._f.close()
+        except (OSError, RuntimeError):
+            _keep_unclosable((self._f, self._t1, self._rs))
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+_UNCLOSABLE: list[Any] = []  # h5py objects of files that failed to close (see ShardWriter.abort)
+
+
+def _keep_unclosable(objects: Any) -> None:
+    """Keep h5py objects that failed to close alive, and end the process before HDF5's own
+    shutdown, which would retry the flush and crash (SIGSEGV, exit 139) instead of exiting 1.
+
+    Only reached after a shard failed, so the process is failing anyway; the error has been
+    raised to the caller, and the exit status is 1.
+    """
+    if not _UNCLOSABLE:
+        atexit.register(_exit_before_hdf5_shutdown)
+    _UNCLOSABLE.append(objects)
+
+
+def _exit_before_hdf5_shutdown() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def _write_failed(final: Path, out_dir: Path, exc: BaseException) -> str:
+    """A failed shard write, with the free space and, when that is the cause, a full disk."""
+    try:
+        free_bytes: int | None = shutil.disk_usage(out_dir).free
+    except OSError:
+        free_bytes = None
+    full = "No space left on device" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC
+    free = f"{free_bytes / 2**20:.1f} MiB free" if free_bytes is not None else "free space unknown"
+    return (
+        f"{final}: writing the shard failed"
+        + (" because the filesystem is full" if full else f": {exc}")
+        + f" ({free} on {out_dir}); no partial shard was kept and index.json was not written. "
+        "Free space, then rerun with --resume to keep the complete shards"
+    )
 
 
 def _record_for(path: Path, meta: dict[str, Any], name: str) -> ShardRecord:
@@ -495,6 +558,8 @@ class ShardDataset:
             raise
         except (OSError, KeyError, ValueError) as exc:
             path = self.path / self._shard_files[shard]
+            if "filter returned failure" in str(exc):  # fletcher32: the chunk's bytes changed
+                raise ShardError(f"{path}: {CORRUPT} (checksum failed reading {name})") from exc
             raise ShardError(f"{path}: cannot read {name} ({exc})") from exc
 
     def read(self, subject: str, modality: str) -> np.ndarray:
@@ -536,7 +601,7 @@ class ShardDataset:
             if size != rec["bytes"]:
                 raise ShardError(f"{path}: size {size} bytes, index says {rec['bytes']}")
             if stamp_file(path) != rec["stamp"]:
-                raise ShardError(f"{path}: verify stamp mismatch (file modified or corrupt)")
+                raise ShardError(f"{path}: {CORRUPT} (verify stamp mismatch)")
 
     def close(self) -> None:
         if os.getpid() == self._pid:
@@ -590,7 +655,7 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
         if spath.stat().st_size != rec["bytes"]:
             problems.append(f"{spath}: size {spath.stat().st_size} != {rec['bytes']} in index")
         if sha256_file(spath) != rec["sha256"]:
-            problems.append(f"{spath}: sha256 mismatch (file changed since packing)")
+            problems.append(f"{spath}: {CORRUPT} (sha256 mismatch)")
             continue
         problems.extend(_verify_contents(spath, idx, by_shard.get(rec["shard"], [])))
     known = {r["shard"] for r in idx["shards"]}

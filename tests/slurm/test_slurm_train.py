@@ -254,11 +254,6 @@ def test_killed_rank_fails_job_naming_rank_and_node(slurm_cluster, trainer, tmp_
     assert "rank 1 on node node2 failed: Killed" in log, log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer: DeepSpeed's ZeRO groups come from dist.new_group without a timeout, so "
-    "they wait torch's 30-minute default, not train.collective_timeout_s",
-)
 @pytest.mark.timeout(JOB_TIMEOUT_S + 120)
 def test_hung_rank_ends_job_within_collective_timeout(slurm_cluster, trainer, tmp_path):
     """A stopped (hung) rank 1: rank 0 gives up at train.collective_timeout_s (20 s), which

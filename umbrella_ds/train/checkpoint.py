@@ -20,6 +20,8 @@ save. Resuming on a different world size converts the checkpoint with DeepSpeed'
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ FORMAT_VERSION = 1
 META = "meta.json"
 LATEST = "latest"
 LOWER_IS_BETTER = ("loss", "mae")
+DIE_DURING_SAVE_ENV = "UMBRELLA_TEST_DIE_DURING_SAVE"
 
 
 class CheckpointError(RuntimeError):
@@ -171,23 +175,50 @@ class Checkpointer:
             if step_dir.exists():  # an incomplete earlier attempt at this step: never trusted
                 shutil.rmtree(step_dir)
         dist.barrier()
-        engine.save_checkpoint(
-            str(self.root),
-            tag=tag,
-            client_state={"umbrella": client, "universal_checkpoint_info": {}},
-            exclude_frozen_parameters=True,
-            save_latest=False,
-        )
-        _atomic_torch_save(rng_state(), step_dir / f"rng-rank{self.rank}.pt")
+        try:
+            with _without_frozen(engine):
+                engine.save_checkpoint(
+                    str(self.root),
+                    tag=tag,
+                    client_state={"umbrella": client, "universal_checkpoint_info": {}},
+                    exclude_frozen_parameters=True,
+                    save_latest=False,
+                )
+            _atomic_torch_save(rng_state(), step_dir / f"rng-rank{self.rank}.pt")
+        except (OSError, RuntimeError) as e:  # ENOSPC reaches us as either (torch's writer)
+            raise CheckpointError(self._save_failed(step_dir, e)) from e
         dist.barrier()  # every rank's files are on disk
+        _test_hook_die_during_save(self.rank, step)
         if self.rank == 0:
             meta = dict(client, format=FORMAT_VERSION, tag=tag, world_size=self.world_size)
             meta["size_bytes"] = dir_size(step_dir)
-            _atomic_write(step_dir / META, json.dumps(meta, indent=1, sort_keys=True))
-            _atomic_write(self.root / LATEST, tag + "\n")
+            try:
+                _atomic_write(step_dir / META, json.dumps(meta, indent=1, sort_keys=True))
+                _atomic_write(self.root / LATEST, tag + "\n")
+            except OSError as e:
+                raise CheckpointError(self._save_failed(step_dir, e)) from e
             self._prune(keep=tag)
         dist.barrier()
         return step_dir
+
+    def _save_failed(self, step_dir: Path, e: BaseException) -> str:
+        """The message for a failed save: what failed, the free space, what is still trusted."""
+        latest = self.root / LATEST
+        previous = latest.read_text().strip() if latest.is_file() else None
+        try:
+            free_bytes = shutil.disk_usage(self.root).free
+            free = f"{free_bytes / 2**20:.1f} MiB free on {self.root}"
+        except OSError:
+            free_bytes, free = None, "free space unknown"
+        full = getattr(e, "errno", None) == errno.ENOSPC or (
+            free_bytes is not None and free_bytes < 2**20
+        )  # torch's writer reports ENOSPC as e.g. "unexpected pos 128 vs 0"
+        return (
+            f"rank {self.rank}: writing checkpoint {step_dir} failed: {e} ({free}"
+            + ("; the filesystem is full" if full else "")
+            + f"). It is incomplete (no {META}) and will never be loaded; "
+            + (f"{latest} still names {previous}" if previous else "no earlier checkpoint exists")
+        )
 
     def _prune(self, keep: str) -> None:
         best = (self.root / "best").read_text().strip() if (self.root / "best").is_file() else None
@@ -279,6 +310,49 @@ def prepare_universal(found: Found, rank: int, world_size: int) -> bool:
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     return True
+
+
+def frozen_names(module: torch.nn.Module) -> set[str]:
+    """Every name under which a frozen parameter is reachable, tied aliases included.
+
+    ``named_parameters()`` lists a tied tensor once, under its first name; DeepSpeed's
+    ``exclude_frozen_parameters`` relies on it, so a frozen LM head tied to the embeddings stayed
+    in the "trainable-only" checkpoint under its second name. ``remove_duplicate=False`` lists
+    every alias.
+    """
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+@contextlib.contextmanager
+def _without_frozen(engine) -> Iterator[None]:
+    """During ``engine.save_checkpoint``: its module state dict minus every frozen alias.
+
+    DeepSpeed offers no hook for this; its ``_save_checkpoint`` calls ``self.module_state_dict``,
+    so an instance attribute wrapping the class method filters exactly what it writes.
+    """
+    original = engine.module_state_dict
+    frozen = frozen_names(engine.module)
+
+    def filtered(*args, **kwargs):
+        sd = original(*args, **kwargs)
+        for name in frozen & set(sd):
+            del sd[name]
+        return sd
+
+    engine.module_state_dict = filtered
+    try:
+        yield
+    finally:
+        del engine.module_state_dict
+
+
+def _test_hook_die_during_save(rank: int, step: int) -> None:
+    """Fault injection (tests only): with ``UMBRELLA_TEST_DIE_DURING_SAVE=STEP`` rank 0 dies as if
+    SIGKILLed while saving STEP, after every rank wrote its DeepSpeed and RNG files but before
+    ``meta.json`` and ``latest``: the window in which a killed save must leave the previous
+    checkpoint the trusted one."""
+    if rank == 0 and os.environ.get(DIE_DURING_SAVE_ENV) == str(step):
+        os._exit(137)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -8,11 +8,16 @@ MPI discovery, or every rank believes it is rank 0).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
+import logging
 import os
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -90,13 +95,95 @@ def init_distributed(d: DistEnv, timeout_s: int) -> None:
     import deepspeed
 
     export(d)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    set_default_group_timeout(timeout)
     deepspeed.init_distributed(
         dist_backend="gloo" if on_cpu() else "nccl",
         auto_mpi_discovery=False,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
         rank=d.rank,
         world_size=d.world_size,
     )
+    watch_local_peers(d)
+
+
+def watch_local_peers(d: DistEnv, interval_s: float = 0.5) -> None:
+    """Log, from every rank, the rank number of a peer on this host that has died.
+
+    A killed rank leaves its peers with an anonymous "connection closed" or a collective
+    timeout, and the deepspeed launcher prints the command line of the *last* rank it started,
+    whichever died. A daemon thread watching the pids of the same-host ranks names the dead one
+    (ranks on other nodes: the SLURM scripts name them).
+    """
+    import threading
+
+    import psutil
+    import torch.distributed as dist
+
+    peers: list[Any] = [None] * d.world_size
+    dist.all_gather_object(peers, (d.rank, d.host, os.getpid()))
+    local = [(r, pid) for r, host, pid in peers if host == d.host and r != d.rank]
+    if not local:
+        return
+    log = logging.getLogger("umbrella_ds.train")
+    store = dist.distributed_c10d._get_default_store()
+    atexit.register(_mark_left, store, d.rank)  # an orderly exit is not a death (SIGKILL skips it)
+
+    def left(r: int) -> bool:
+        try:
+            return store.check([f"{LEFT_KEY}{r}"])
+        except Exception:  # rank 0, which hosts the store, is gone: cannot tell
+            return False
+
+    alive = dict(local)
+    lock = threading.Lock()
+
+    def scan() -> None:
+        with lock:
+            for r, pid in list(alive.items()):
+                try:
+                    gone = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                except psutil.NoSuchProcess:
+                    gone = True
+                if gone and not left(r):
+                    log.error("rank %d (pid %d on %s) has died; the job will fail", r, pid, d.host)
+                if gone:
+                    del alive[r]
+
+    def watch() -> None:
+        while alive:
+            time.sleep(interval_s)
+            scan()
+
+    threading.Thread(target=watch, name="peer-watch", daemon=True).start()
+    # A collective fails the moment a peer dies, possibly before the next poll: look once more
+    # on the way out (atexit runs last-registered first, so before _mark_left).
+    atexit.register(scan)
+
+
+LEFT_KEY = "umbrella/left/"
+
+
+def _mark_left(store: Any, rank: int) -> None:
+    with contextlib.suppress(Exception):  # the store's host may have exited first
+        store.set(f"{LEFT_KEY}{rank}", "1")
+
+
+def set_default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Make every later ``dist.new_group`` use ``timeout``, not torch's 30-minute default.
+
+    ``init_process_group(timeout=...)`` covers only the world group. DeepSpeed builds its ZeRO
+    data-parallel groups with ``dist.new_group(ranks)`` and no timeout; torch then calls
+    ``distributed_c10d._get_default_timeout(backend)``, which reads the module globals
+    ``default_pg_timeout`` (gloo) and ``default_pg_nccl_timeout`` (nccl) at call time. Without
+    this, a hung rank stalls its peers in a ZeRO all-reduce for 30 minutes, whatever
+    ``train.collective_timeout_s`` says.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout  # None when torch is built without NCCL
 
 
 def _first_slurm_host(nodelist: str) -> str:
