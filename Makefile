@@ -7,7 +7,11 @@ STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 DEMO_DATA ?= runs/demo-data
 export DS_ACCELERATOR ?= cpu
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# Compiled extensions (DeepSpeed's CPU comm op) and inductor code outlive a checkout, so CI and
+# later clones on the same machine reuse them instead of compiling again.
+export UMBRELLA_CACHE ?= $(HOME)/.cache/umbrella-ds
+export TORCH_EXTENSIONS_DIR ?= $(UMBRELLA_CACHE)/torch_extensions
+export TORCHINDUCTOR_CACHE_DIR ?= $(UMBRELLA_CACHE)/inductor
 export PYTHONDONTWRITEBYTECODE = 1
 
 .PHONY: setup system-deps demo-data demo test lint bench clean

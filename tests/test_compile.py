@@ -8,7 +8,7 @@ checkpoints each block's ``forward``, so the checkpoint runs inside the compiled
 of runs cover both stages, both precisions and checkpointing on/off. The learning rate is small
 so that bf16 rounding differences (inductor keeps fused intermediates in fp32, eager rounds every
 op to bf16) are not amplified by three different updates into a diverging trajectory. UMBRELLA_COMPILE_ALL=1 runs all eight
-combinations. Compiled code is cached in ``.cache/inductor`` so reruns are faster.
+combinations. Compiled code is cached in ``$TORCHINDUCTOR_CACHE_DIR`` (conftest) so reruns are faster.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from test_train_support import (
     train_data,  # noqa: F401  (fixture)
 )
 
-INDUCTOR_CACHE = REPO / ".cache" / "inductor"
+INDUCTOR_CACHE = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])  # set by conftest
 STEPS = 3
 CASES = [("zero2", True, False), ("zero3", False, True)]  # (stage, bf16, checkpointing)
 if os.environ.get("UMBRELLA_COMPILE_ALL") == "1":
