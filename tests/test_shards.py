@@ -99,13 +99,17 @@ def test_storage_layout(packed: tuple[Path, dict[str, np.ndarray]]) -> None:
     assert open_dataset(out).index["num_rejections"] == 1
 
 
-@pytest.mark.parametrize("compression", ["none", "lzf", "gzip"])
-def test_writes_are_byte_identical(tmp_path: Path, compression: str) -> None:
-    _write(tmp_path / "a", compression)
+@pytest.mark.parametrize("compression", ["none", "lzf", "gzip", "blosc"])
+def test_writes_are_byte_identical_and_read_back(tmp_path: Path, compression: str) -> None:
+    truth = _write(tmp_path / "a", compression)
     _write(tmp_path / "b", compression)
     for name in ["shard-00000.h5", "shard-00001.h5", "shard-00002.h5", "index.json"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
-    assert open_dataset(tmp_path / "a").fingerprint == open_dataset(tmp_path / "b").fingerprint
+    ds = open_dataset(tmp_path / "a")
+    assert ds.fingerprint == open_dataset(tmp_path / "b").fingerprint
+    np.testing.assert_array_equal(ds.read("S4", "T1"), truth["S4/T1"])
+    window = ds.read_window("S2", "rsfMRI", 3, 6)
+    np.testing.assert_array_equal(window, np.moveaxis(truth["S2/rsfMRI"][3:9], 0, -1))
 
 
 def test_failed_shard_leaves_no_file(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import hdf5plugin  # registers the Blosc filter, so blosc shards read anywhere shards.py is imported
 import numpy as np
 
 from umbrella_ds import __version__
@@ -34,7 +35,7 @@ MODALITIES = ("T1", "rsfMRI")
 # rsfMRI frames per HDF5 chunk: a 24-frame window touches 6-7 chunks, a whole chunk stays
 # small enough (8 x 96^3 x 2 B = 14 MB) that reading one frame does not drag in a series.
 FRAMES_PER_CHUNK = 8
-COMPRESSIONS = ("none", "lzf", "gzip")
+COMPRESSIONS = ("none", "lzf", "gzip", "blosc")
 # HDF5 chunk cache per open shard. Training reads each volume once per epoch in random order,
 # so a cache only adds a copy and, with hundreds of shards open per worker, memory; reads go
 # straight into the caller's array (measured: benchmarks/read_path.py).
@@ -120,6 +121,9 @@ def _compression_kwargs(compression: str) -> dict[str, Any]:
         return {"compression": "lzf"}
     if compression == "gzip":
         return {"compression": "gzip", "compression_opts": 4}
+    if compression == "blosc":
+        # lz4 with byte shuffle: float16 volumes compress on their exponent bytes, decode fast.
+        return dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE))
     raise ValueError(f"unknown compression {compression!r}; choose one of {COMPRESSIONS}")
 
 
