@@ -198,7 +198,9 @@ cmd_start() {
 	start_munge
 	write_conf
 	export SLURM_CONF=$CONF
-	start_daemon slurmctld "$STATE_DIR/slurmctld.pid" slurmctld -f "$CONF"
+	# -c: start from a clean job table. This cluster is for trying scripts and for tests; a job
+	# left "running" by a previous session whose processes are gone would hold both nodes.
+	start_daemon slurmctld "$STATE_DIR/slurmctld.pid" slurmctld -c -f "$CONF"
 	local node
 	for node in "${NODES[@]}"; do
 		start_daemon "slurmd-$node" "$STATE_DIR/slurmd-$node.pid" slurmd -f "$CONF" -N "$node"
