@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR ?= $(UMBRELLA_CACHE)/torch_extensions
 export TORCHINDUCTOR_CACHE_DIR ?= $(UMBRELLA_CACHE)/inductor
 export PYTHONDONTWRITEBYTECODE = 1
 
-.PHONY: setup system-deps demo-data demo test lint bench clean
+.PHONY: setup system-deps ds-ops demo-data demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -35,21 +35,28 @@ $(STAMP): setup.cfg pyproject.toml | system-deps
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# DeepSpeed JIT-builds its CPU comm op on a first run. Build it once here, before any ranks start,
+# so they never race to build it; and clear the lock a build killed midway leaves behind, which
+# every later run would otherwise wait on forever.
+ds-ops: $(STAMP)
+	rm -f $(TORCH_EXTENSIONS_DIR)/deepspeed_shm_comm/lock
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
+
 demo-data: $(STAMP)
 	$(BIN)/umbrella-pack synth --out $(DEMO_DATA)/raw --subjects 400 --seed 0
 	$(BIN)/umbrella-pack build --manifest $(DEMO_DATA)/raw/manifest.csv --out $(DEMO_DATA)/shards --modalities T1 --t1-size 32 32 32 --workers 2 --resume
 
-demo: demo-data
+demo: demo-data ds-ops
 	$(BIN)/python -m umbrella_ds.demo --config configs/demo.yaml --data $(DEMO_DATA) --out $(OUT)
 
-test: $(STAMP)
+test: $(STAMP) ds-ops
 	$(BIN)/pytest -q tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: $(STAMP)
+bench: $(STAMP) ds-ops
 	$(BIN)/python -m benchmarks.run_all
 
 clean:

@@ -29,9 +29,11 @@ def _worker(out_dir: Path) -> None:
         model_forward_loss,
         num_image_tokens,
     )
+    from umbrella_ds.train.env import release_deepspeed_shm
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
+    release_deepspeed_shm(rank)
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
