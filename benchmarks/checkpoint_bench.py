@@ -7,9 +7,10 @@ How: one process, a 1-rank DeepSpeed engine built from the engine's own pieces (
 with random weights, the engine's `LossModule`, `ds_setup.initialize` on `ds_configs/zero2.json`,
 bf16), one real optimizer step on a T1 sample (so the AdamW states exist), then
 
-- trainable-only: `engine.save_checkpoint(..., exclude_frozen_parameters=True)`, the call
-  `umbrella_ds.train.checkpoint.Checkpointer` makes (patch embedding + its fp32 master copy and
-  AdamW states), loaded back with `load_module_strict=False`;
+- trainable-only: `engine.save_checkpoint(..., exclude_frozen_parameters=True)` inside
+  `checkpoint.without_frozen`, the call `umbrella_ds.train.checkpoint.Checkpointer` makes (patch
+  embedding + its fp32 master copy and AdamW states; no frozen tensor, tied aliases included),
+  loaded back with `load_module_strict=False`;
 - full: the same call with `exclude_frozen_parameters=False` (every parameter of the model, plus
   the same optimizer state), loaded back strictly.
 
@@ -24,6 +25,7 @@ benchmark starts under the deepspeed launcher.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -51,6 +53,7 @@ def worker(preset: str, root: Path, repeats: int, out: Path) -> None:
     from umbrella_ds.data import collate_train
     from umbrella_ds.model import build_model, get_preset, image_token_id, num_image_tokens
     from umbrella_ds.train import ds_setup, env
+    from umbrella_ds.train.checkpoint import without_frozen
     from umbrella_ds.train.engine import LossModule
 
     denv = env.discover()
@@ -82,16 +85,22 @@ def worker(preset: str, root: Path, repeats: int, out: Path) -> None:
 
     # What DeepSpeed's exclude_frozen_parameters keeps: it drops frozen names found by
     # named_parameters(), which lists a tied weight once, so the tie's other name stays.
-    kept = engine.module_state_dict(exclude_frozen_parameters=True)
     trainable_names = {n for n, p in engine.module.named_parameters() if p.requires_grad}
-    kept_frozen = {
-        k: v.numel() for k, v in kept.items() if k not in trainable_names and v.numel() > 10**5
-    }
+
+    def large_frozen(sd: dict) -> dict[str, int]:
+        return {
+            k: v.numel() for k, v in sd.items() if k not in trainable_names and v.numel() > 10**5
+        }
+
+    kept_by_deepspeed = large_frozen(engine.module_state_dict(exclude_frozen_parameters=True))
+    with without_frozen(engine):
+        kept_by_ours = large_frozen(engine.module_state_dict(exclude_frozen_parameters=True))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     result = {"preset": preset, "dtype": str(dtype), "build_s": build_s, "one_step_s": step_s,
               "trainable_params": trainable, "total_params": total,
-              "large_frozen_entries_kept_by_exclude_frozen": kept_frozen}  # fmt: skip
+              "large_frozen_entries_kept_by_deepspeed_exclude_frozen": kept_by_deepspeed,
+              "large_frozen_entries_kept_by_checkpointer": kept_by_ours}  # fmt: skip
     for kind, exclude in (("trainable", True), ("full", False)):
         saves, synced, loads, sizes = [], [], [], []
         for _r in range(repeats):
@@ -99,9 +108,10 @@ def worker(preset: str, root: Path, repeats: int, out: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
             os.sync()
             t0 = time.perf_counter()
-            engine.save_checkpoint(
-                str(folder), tag="step", exclude_frozen_parameters=exclude, save_latest=False
-            )
+            with without_frozen(engine) if exclude else contextlib.nullcontext():
+                engine.save_checkpoint(
+                    str(folder), tag="step", exclude_frozen_parameters=exclude, save_latest=False
+                )
             saves.append(time.perf_counter() - t0)
             os.sync()
             synced.append(time.perf_counter() - t0)
@@ -174,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 k: rec[k]
                 for k in (
                     "dtype", "build_s", "one_step_s", "trainable_params", "total_params",
-                    "large_frozen_entries_kept_by_exclude_frozen",
+                    "large_frozen_entries_kept_by_deepspeed_exclude_frozen",
+                    "large_frozen_entries_kept_by_checkpointer",
                 )
             }  # fmt: skip
             name = short[preset]
@@ -198,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     config = {
         "how": "DeepSpeed save_checkpoint/load_checkpoint in a 1-rank ZeRO-2 bf16 engine "
-        "(ds_setup.initialize), exclude_frozen_parameters=True (trainable-only, as Checkpointer) vs False (full)",
+        "(ds_setup.initialize), exclude_frozen_parameters=True inside checkpoint.without_frozen (trainable-only, as "
+        "Checkpointer) vs False (full)",
         "modalities": "T1 only, each preset's default grid and patch",
         "repeats": a.repeats,
         "models": details,

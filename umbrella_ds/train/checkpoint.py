@@ -176,7 +176,7 @@ class Checkpointer:
                 shutil.rmtree(step_dir)
         dist.barrier()
         try:
-            with _without_frozen(engine):
+            with without_frozen(engine):
                 engine.save_checkpoint(
                     str(self.root),
                     tag=tag,
@@ -324,7 +324,7 @@ def frozen_names(module: torch.nn.Module) -> set[str]:
 
 
 @contextlib.contextmanager
-def _without_frozen(engine) -> Iterator[None]:
+def without_frozen(engine) -> Iterator[None]:
     """During ``engine.save_checkpoint``: its module state dict minus every frozen alias.
 
     DeepSpeed offers no hook for this; its ``_save_checkpoint`` calls ``self.module_state_dict``,
