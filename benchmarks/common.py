@@ -61,11 +61,18 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def write_result(name: str, config: dict[str, Any], figures: dict[str, Any], **extra: Any) -> Path:
-    """Write benchmarks/results/<name>.json: name, machine, config, figures (units in the keys)."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def write_result(
+    name: str,
+    config: dict[str, Any],
+    figures: dict[str, Any],
+    results_dir: Path = RESULTS_DIR,
+    **extra: Any,
+) -> Path:
+    """Write <results_dir>/<name>.json (default benchmarks/results): name, machine, config,
+    figures (units in the keys)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
     record = {"name": name, "machine": machine(), "config": config, "figures": figures, **extra}
-    path = RESULTS_DIR / f"{name}.json"
+    path = results_dir / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)

@@ -1,7 +1,9 @@
 """GPU training throughput inside the project's engine: llava-interleave-qwen-0.5b at its real shape.
 
 `python -m benchmarks.train_gpu [--budget-s 600] [--only CASE ...]` (needs a CUDA GPU; on a
-machine without one it says so and exits 0, writing nothing). Never run in CI.
+machine without one it says so and exits 0, writing nothing). Never run in CI. `--smoke` runs
+the same plumbing on CPU with the `tiny` preset and three small cases (about a minute; the suite
+does, in tests/test_bench_train_gpu.py), so a GPU session is not spent finding a broken script.
 
 One prepared script for a short GPU session: it packs its own data, then runs the cases of
 `CASES` in order of importance, each as a separate 1-GPU run of the training engine
@@ -10,9 +12,9 @@ random weights), and rewrites benchmarks/results/train_gpu.json after every case
 session had time for is kept. A case that fails (e.g. out of memory) is recorded with the tail
 of its log and the next one runs. Cases stop starting once `--budget-s` is spent.
 
-Data: `umbrella-pack synth` + `build` on the GPU machine: a T1 cohort (sources 96^3, packed at
-96^3 and at 90^3) and an rsfMRI cohort (96^3 x `--frames`), tasks repeated under distinct ids so
-one epoch covers every measured step. The loader uses `--workers` worker processes per GPU.
+Data: `umbrella-pack synth` + `build` on the GPU machine, only what the selected cases read: a
+T1 cohort (sources 96^3, packed at 96^3 and at 90^3) and an rsfMRI cohort (96^3 x `--frames`),
+tasks repeated under distinct ids so one epoch covers every measured step. The loader uses `--workers` worker processes per GPU.
 
 Model: the preset's LlavaConfig (SigLIP 26 layers + Qwen1.5-0.5B, vocabulary 152000, 0.86B
 parameters) written to a local model directory with the project's tiny ChatML tokenizer; the
@@ -30,6 +32,7 @@ wrapper after the engine returns).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -41,14 +44,13 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PRESET = "llava-interleave-qwen-0.5b"
 T1_216 = {"T1": {"size": [96, 96, 96], "patch": [16, 16, 16]}}
 T1_729 = {"T1": {"size": [90, 90, 90], "patch": [10, 10, 10]}}
 RS_1728 = {"rsfMRI": {"size": [96, 96, 96, 24], "patch": [16, 16, 16, 3]}}
 
 # name, modalities, micro-batch, compile, checkpointing (vision, language), steps, warm-up steps
 # excluded. Order = importance: a session that ends early keeps the first ones.
-CASES: list[dict] = [
+GPU_CASES: list[dict] = [
     {"name": "t1_216_eager_mb64", "mods": T1_216, "mb": 64, "compile": "none", "ckpt": False, "steps": 25, "warmup": 5},
     {"name": "t1_216_blocks_mb64", "mods": T1_216, "mb": 64, "compile": "blocks", "ckpt": False, "steps": 30, "warmup": 10},
     {"name": "rs_1728_blocks_mb8", "mods": RS_1728, "mb": 8, "compile": "blocks", "ckpt": False, "steps": 30, "warmup": 10},
@@ -60,7 +62,54 @@ CASES: list[dict] = [
     {"name": "rs_1728_blocks_mb16_ckpt", "mods": RS_1728, "mb": 16, "compile": "blocks", "ckpt": True, "steps": 25, "warmup": 10},
     {"name": "t1_216_eager_mb16", "mods": T1_216, "mb": 16, "compile": "none", "ckpt": False, "steps": 20, "warmup": 5},
 ]  # fmt: skip
-RESULT = "train_gpu"
+GPU_RATIOS = {
+    "T1 216 blocks / eager (mb 64)": ("t1_216_blocks_mb64", "t1_216_eager_mb64"),
+    "rsfMRI 1728 blocks / eager (mb 8)": ("rs_1728_blocks_mb8", "rs_1728_eager_mb8"),
+    "T1 216 eager checkpointing on / off (mb 64)": ("t1_216_eager_mb64_ckpt", "t1_216_eager_mb64"),
+    "T1 216 blocks checkpointing on / off (mb 64)": (
+        "t1_216_blocks_mb64_ckpt",
+        "t1_216_blocks_mb64",
+    ),
+    "T1 216 eager mb 64 / mb 16": ("t1_216_eager_mb64", "t1_216_eager_mb16"),
+}
+
+# The same plumbing on CPU with the tiny preset (`--smoke`): proves the script end to end before a
+# GPU session is spent on it (tests/test_bench_train_gpu.py). Its figures mean nothing.
+T1_64 = {"T1": {"size": [32, 32, 32], "patch": [8, 8, 8]}}
+RS_256 = {"rsfMRI": {"size": [32, 32, 32, 8], "patch": [8, 8, 8, 4]}}
+SMOKE_CASES: list[dict] = [
+    {"name": "t1_64_eager_mb4", "mods": T1_64, "mb": 4, "compile": "none", "ckpt": False, "steps": 5, "warmup": 2},
+    {"name": "t1_64_eager_mb4_ckpt", "mods": T1_64, "mb": 4, "compile": "none", "ckpt": True, "steps": 5, "warmup": 2},
+    {"name": "rs_256_eager_mb2", "mods": RS_256, "mb": 2, "compile": "none", "ckpt": False, "steps": 4, "warmup": 1},
+]  # fmt: skip
+SMOKE_RATIOS = {
+    "T1 64 eager checkpointing on / off (mb 4)": ("t1_64_eager_mb4_ckpt", "t1_64_eager_mb4")
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What one invocation measures, and where: the preset, its cases, the ratios between them."""
+
+    preset: str
+    cases: list[dict]
+    ratios: dict[str, tuple[str, str]]
+    accelerator: str  # DS_ACCELERATOR of the runs
+    result: str  # <results-dir>/<result>.json
+    t1_subjects: int
+    rs_subjects: int
+    frames: int  # rsfMRI frames per synthetic subject (windows are cut from them)
+    workers: int  # loader worker processes per GPU
+
+
+GPU = Workload(
+    preset="llava-interleave-qwen-0.5b", cases=GPU_CASES, ratios=GPU_RATIOS, accelerator="cuda",
+    result="train_gpu", t1_subjects=24, rs_subjects=6, frames=32, workers=6,
+)  # fmt: skip
+SMOKE = Workload(
+    preset="tiny", cases=SMOKE_CASES, ratios=SMOKE_RATIOS, accelerator="cpu",
+    result="train_gpu_smoke", t1_subjects=8, rs_subjects=4, frames=12, workers=1,
+)  # fmt: skip
 
 
 def _has_gpu() -> bool:
@@ -119,47 +168,83 @@ def model_dir(root: Path, preset: str) -> Path:
     return out
 
 
-def prepare_data(
-    root: Path, t1_subjects: int, rs_subjects: int, frames: int, workers: int
-) -> dict[str, Path]:
-    """Synthesise and pack the cohorts; returns shard folders and instruction files by key."""
-    from benchmarks.common import synth_and_pack
+def data_needs(cases: list[dict]) -> dict[str, list[tuple[int, ...]]]:
+    """Input grids the cases read, per modality, in first-use order: only these are packed."""
+    needs: dict[str, list[tuple[int, ...]]] = {}
+    for case in cases:
+        for modality, spec in case["mods"].items():
+            sizes = needs.setdefault(modality, [])
+            if tuple(spec["size"]) not in sizes:
+                sizes.append(tuple(spec["size"]))
+    return needs
 
-    t1_raw, t1_96 = synth_and_pack(
-        root / "t1", t1_subjects, (96, 96, 96), (96, 96, 96), workers=workers
-    )
+
+@dataclasses.dataclass
+class Data:
+    raw: dict[str, Path]  # modality -> synthetic cohort (manifest, instruction files)
+    shards: dict[tuple[str, tuple[int, ...]], Path]  # (modality, input grid) -> packed shards
+
+
+def prepare_data(root: Path, cases: list[dict], work: Workload) -> Data:
+    """Synthesise and pack what the cases read: T1 at its largest grid, then packed again at
+    each other grid; one rsfMRI cohort at its spatial grid (windows are cut at read time)."""
+    from benchmarks.common import synth_and_pack
     from data_prep.pack import BuildOptions, build
 
-    status = build(
-        BuildOptions(
-            manifest=t1_raw / "manifest.csv", out=root / "t1" / "shards90", modalities=["T1"],
-            t1_size=(90, 90, 90), workers=workers, progress=False,
+    needs = data_needs(cases)
+    unknown = set(needs) - {"T1", "rsfMRI"}
+    if unknown:
+        raise ValueError(f"train_gpu: no synthetic data for modalities {sorted(unknown)}")
+    data = Data(raw={}, shards={})
+    if "T1" in needs:
+        sizes = needs["T1"]
+        source = tuple(max(size[i] for size in sizes) for i in range(3))
+        data.raw["T1"], first = synth_and_pack(
+            root / "t1", work.t1_subjects, source, sizes[0], workers=work.workers
         )
-    )  # fmt: skip
-    if status != 0:
-        raise RuntimeError(f"packing the 90^3 T1 shards exited {status}")
-    rs_raw, rs_shards = synth_and_pack(
-        root / "rs", rs_subjects, (40, 48, 40), (32, 32, 32), frames=frames,
-        rsfmri_shape=(96, 96, 96), rsfmri_size=(96, 96, 96), modalities=("rsfMRI",), workers=workers,
-    )  # fmt: skip
-    return {
-        "t1_raw": t1_raw, "t1_96": t1_96, "t1_90": root / "t1" / "shards90",
-        "rs_raw": rs_raw, "rs": rs_shards,
-    }  # fmt: skip
+        data.shards[("T1", sizes[0])] = first
+        for size in sizes[1:]:
+            out = root / "t1" / f"shards{'x'.join(map(str, size))}"
+            status = build(
+                BuildOptions(
+                    manifest=data.raw["T1"] / "manifest.csv", out=out, modalities=["T1"],
+                    t1_size=size, workers=work.workers, progress=False,
+                )
+            )  # fmt: skip
+            if status != 0:
+                raise RuntimeError(f"packing the {size} T1 shards into {out} exited {status}")
+            data.shards[("T1", size)] = out
+    if "rsfMRI" in needs:
+        grids = {size[:3] for size in needs["rsfMRI"]}
+        if len(grids) != 1:
+            raise ValueError(f"train_gpu: one rsfMRI spatial grid per run, cases ask for {grids}")
+        (grid,) = grids
+        frames = max(work.frames, *(size[3] for size in needs["rsfMRI"]))
+        data.raw["rsfMRI"], shards = synth_and_pack(
+            root / "rs", work.rs_subjects, (40, 48, 40), (32, 32, 32), frames=frames,
+            rsfmri_shape=grid, rsfmri_size=grid, modalities=("rsfMRI",), workers=work.workers,
+        )  # fmt: skip
+        for size in needs["rsfMRI"]:
+            data.shards[("rsfMRI", size)] = shards
+    return data
 
 
-def case_config(case: dict, data: dict[str, Path], model: Path, root: Path, workers: int) -> Path:
+def case_config(case: dict, data: Data, model: Path, root: Path, workers: int) -> Path:
     """The run YAML of one case (JSON is YAML)."""
     from benchmarks.common import repeat_tasks
 
-    rs = "rsfMRI" in case["mods"]
-    raw = data["rs_raw" if rs else "t1_raw"]
-    src = raw / "instructions" / ("rsfmri_sex_train.jsonl" if rs else "t1_sex_train.jsonl")
+    ((modality, spec),) = case["mods"].items()
+    raw = data.raw[modality]
+    src = (
+        raw
+        / "instructions"
+        / ("t1_sex_train.jsonl" if modality == "T1" else "rsfmri_sex_train.jsonl")
+    )
     n_src = sum(1 for line in src.read_text().splitlines() if line.strip())
     need = case["mb"] * (case["steps"] + 2)
     tasks = root / f"{case['name']}.jsonl"
     repeat_tasks(src, tasks, -(-need // n_src))
-    shards = data["rs"] if rs else data["t1_90" if case["mods"] is T1_729 else "t1_96"]
+    shards = data.shards[(modality, tuple(spec["size"]))]
     cfg = {
         "output_dir": str(root / case["name"]),
         "data": {
@@ -256,28 +341,16 @@ def _figures(results: dict[str, dict]) -> dict[str, float | str]:
     return figures
 
 
-def _ratios(results: dict[str, dict]) -> dict[str, float]:
+def _ratios(results: dict[str, dict], pairs: dict[str, tuple[str, str]]) -> dict[str, float]:
     def sps(name: str) -> float | None:
         r = results.get(name, {})
         return r.get("samples_per_s") if r.get("status") == "ok" else None
 
-    pairs = {
-        "T1 216 blocks / eager (mb 64)": ("t1_216_blocks_mb64", "t1_216_eager_mb64"),
-        "rsfMRI 1728 blocks / eager (mb 8)": ("rs_1728_blocks_mb8", "rs_1728_eager_mb8"),
-        "T1 216 eager checkpointing on / off (mb 64)": (
-            "t1_216_eager_mb64_ckpt",
-            "t1_216_eager_mb64",
-        ),
-        "T1 216 blocks checkpointing on / off (mb 64)": (
-            "t1_216_blocks_mb64_ckpt",
-            "t1_216_blocks_mb64",
-        ),
-        "T1 216 eager mb 64 / mb 16": ("t1_216_eager_mb64", "t1_216_eager_mb16"),
-    }
     out = {}
     for label, (a, b) in pairs.items():
-        if sps(a) and sps(b):
-            out[label] = sps(a) / sps(b)
+        rate_a, rate_b = sps(a), sps(b)
+        if rate_a and rate_b:
+            out[label] = rate_a / rate_b
     return out
 
 
@@ -288,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     if rest and rest[0] == "--rank-wrapper":
         return rank_main(Path(rest[1]), rest[2:])
 
+    from benchmarks.common import RESULTS_DIR, write_result
+
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -295,33 +370,47 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-s", type=float, default=600.0, help="start no case after this many seconds"
     )
     p.add_argument("--only", nargs="*", help="case names (default: all, in order)")
-    p.add_argument("--workers", type=int, default=6, help="loader worker processes")
-    p.add_argument("--t1-subjects", type=int, default=24)
-    p.add_argument("--rs-subjects", type=int, default=6)
-    p.add_argument("--frames", type=int, default=32)
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the tiny preset's cases on CPU: checks the script, measures nothing that matters",
+    )
+    p.add_argument("--workers", type=int, default=None, help="loader worker processes")
+    p.add_argument("--t1-subjects", type=int, default=None)
+    p.add_argument("--rs-subjects", type=int, default=None)
+    p.add_argument("--frames", type=int, default=None)
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--list", action="store_true", help="print the cases and exit")
     a = p.parse_args(argv)
+    base = SMOKE if a.smoke else GPU
+    overrides = {
+        "workers": a.workers, "t1_subjects": a.t1_subjects, "rs_subjects": a.rs_subjects,
+        "frames": a.frames,
+    }  # fmt: skip
+    work = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     if a.list:
-        for c in CASES:
+        for c in work.cases:
             print(c["name"], json.dumps({k: v for k, v in c.items() if k != "name"}))
         return 0
-    if not _has_gpu():
+    known = [c["name"] for c in work.cases]
+    unknown = sorted(set(a.only or ()) - set(known))
+    if unknown:
+        p.error(f"unknown case(s) {unknown}; known: {known}")
+    if work.accelerator == "cuda" and not _has_gpu():
         print("train_gpu: needs a CUDA GPU (none visible here); nothing measured, nothing written")
         return 0
 
-    from benchmarks.common import write_result
-
     start = time.perf_counter()
-    cases = [c for c in CASES if not a.only or c["name"] in a.only]
+    cases = [c for c in work.cases if not a.only or c["name"] in a.only]
     results: dict[str, dict] = {}
     config = {
-        "preset": PRESET,
+        "preset": work.preset,
         "weights": "random",
-        "engine": "python -m umbrella_ds.train, deepspeed launcher, 1 GPU",
+        "engine": f"python -m umbrella_ds.train, deepspeed launcher, 1 rank ({work.accelerator})",
         "deepspeed": "ds_configs/zero2.json, bf16",
         "tokenizer": "tiny ChatML tokenizer; image_token_index set to its <image> id",
-        "loader_workers": a.workers,
+        "loader_workers": work.workers,
         "cases": {c["name"]: {k: v for k, v in c.items() if k != "name"} for c in cases},
         "rates": "medians over the steps after each case's warm-up",
         "mfu": "engine formula (umbrella_ds/train/run_logging.py), peak 989 TFLOP/s bf16 dense",
@@ -329,20 +418,27 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="train_gpu_", dir=a.workdir) as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        data = prepare_data(root, a.t1_subjects, a.rs_subjects, a.frames, a.workers)
-        model = model_dir(root, PRESET)
+        data = prepare_data(root, cases, work)
+        model = model_dir(root, work.preset)
         config["data_prep_s"] = time.perf_counter() - t0
         print(f"data and model directory ready in {config['data_prep_s']:.0f} s", flush=True)
         for case in cases:
             if time.perf_counter() - start > a.budget_s:
                 results[case["name"]] = {"status": "not run (budget spent)"}
                 continue
-            cfg_path = case_config(case, data, model, root, a.workers)
+            cfg_path = case_config(case, data, model, root, work.workers)
             print(f"== {case['name']}", flush=True)
-            results[case["name"]] = r = run_case(case, cfg_path, root)
+            results[case["name"]] = r = run_case(case, cfg_path, root, work.accelerator)
             print(json.dumps(r)[:600], flush=True)
-            write_result(RESULT, config, _figures(results), ratio=_ratios(results), cases=results)
-    print(f"train_gpu finished in {time.perf_counter() - start:.0f} s")
+            write_result(
+                work.result, config, _figures(results), results_dir=a.results_dir,
+                ratio=_ratios(results, work.ratios), cases=results,
+            )  # fmt: skip
+    path = write_result(
+        work.result, config, _figures(results), results_dir=a.results_dir,
+        ratio=_ratios(results, work.ratios), cases=results,
+    )  # fmt: skip
+    print(f"train_gpu finished in {time.perf_counter() - start:.0f} s; results in {path}")
     return 0
 
 
