@@ -23,6 +23,7 @@ from umbrella_ds.data import (
     collate_train,
     load_instructions,
 )
+from umbrella_ds.data.collate import stack_images
 
 TPI = {"T1": 3, "rsfMRI": 5}
 SUBJECTS = [SUBJECT_A, SUBJECT_B, "NDARINV2222BBBB"]
@@ -156,3 +157,54 @@ def test_collate_eval_left_pads_and_shifts_positions(datasets):
     assert b["target_texts"] == ["female.", "no.", "male.", "Hello.", "no."]
     assert b["subject_ids"][1] == [SUBJECT_A, SUBJECT_B]
     assert b["window_start"][2] == [0]  # eval windows are fixed
+
+
+# ---- stack_images: one copy, stored layout, shared memory in workers ---------------------------
+
+
+def _series(seed: int) -> np.ndarray:
+    """A (D, H, W, T) view of a time-first array, as the shard reader returns a window."""
+    tdhw = np.random.default_rng(seed).standard_normal((4, 3, 5, 6)).astype(np.float16)
+    return np.moveaxis(tdhw, 0, -1)
+
+
+def test_stack_images_series_is_the_model_view_of_time_first_storage():
+    arrays = [_series(0), np.flip(_series(1), axis=(0, 2)), np.ascontiguousarray(_series(2))]
+    out = stack_images(arrays)
+    assert out.shape == (3, 3, 5, 6, 4) and out.dtype == torch.float16
+    assert np.array_equal(out.numpy(), np.stack(arrays))  # same values as a plain stack
+    assert out.movedim(-1, 1).is_contiguous()  # stored (N, T, D, H, W): no transpose was made
+    volumes = [np.random.default_rng(3).standard_normal((3, 5, 6)).astype(np.float16)] * 2
+    t1 = stack_images(volumes)
+    assert t1.is_contiguous() and np.array_equal(t1.numpy(), np.stack(volumes))
+
+
+class _SeriesItems(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.flip(_series(i), axis=(1,))
+
+
+def _stack_and_report(items: list[np.ndarray]) -> tuple[torch.Tensor, bool]:
+    """Runs in the worker: the batch, and whether it was already in shared memory there."""
+    out = stack_images(items)
+    return out, out.is_shared()
+
+
+def test_stack_images_in_a_worker_writes_shared_memory_directly():
+    loader = torch.utils.data.DataLoader(
+        _SeriesItems(), batch_size=2, num_workers=1, collate_fn=_stack_and_report
+    )
+    batches = list(loader)
+    assert len(batches) == 2
+    for k, (batch, shared_in_worker) in enumerate(batches):
+        expected = np.stack([np.flip(_series(i), axis=(1,)) for i in (2 * k, 2 * k + 1)])
+        assert np.array_equal(batch.numpy(), expected)
+        # written into shared memory by the collate itself, so sending it copied nothing, and
+        # it arrives with the time-first strides it was written with
+        assert shared_in_worker
+        assert batch.movedim(-1, 1).is_contiguous()
+    # in the training process itself (no worker) the batch stays in private memory
+    assert not stack_images([_series(0)]).is_shared()

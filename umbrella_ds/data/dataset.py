@@ -18,7 +18,8 @@ rsfMRI windows of `rsfmri_length` frames:
   frame counts when the dataset is built, read from the shard index in the building process.
 
 Flip: in training with flip=True each spatial axis of each image is flipped with probability 1/2;
-never in evaluation.
+never in evaluation. Item images may be views (flipped, time axis last over the stored
+frames-first window); the collate copies each once, into the batch (`collate.stack_images`).
 
 Samples longer than the renderer's max_length are handled when the dataset is built (tokens do
 not depend on randomness): rejected tasks are dropped and counted in `num_rejected`, truncated
@@ -186,7 +187,7 @@ class InstructionDataset:
             if self.flip:
                 axes = tuple(int(a) for a in np.flatnonzero(rng.random(3) < 0.5))
                 if axes:
-                    arr = np.ascontiguousarray(np.flip(arr, axis=axes))
+                    arr = np.flip(arr, axis=axes)  # a view: the collate makes the one copy
             images.append((im.modality, arr))
         rendered = self._rendered[t]
         item: dict[str, Any] = {
