@@ -2,6 +2,11 @@
 patch embedding. Rank 0's batch has no rsfMRI image (the configured branch must still run,
 or the ranks would hang gathering different parameters); activation checkpointing is on.
 
+A pretrained directory (a saved, unpatched LLaVA, as users have them) is loaded straight into
+the partitions under `ds_setup.zero3_pretrained_loading`, the engine's path: every parameter is
+partitioned once build_model returns (before, it was loaded whole on every rank), and the
+gathered weights are the saved ones.
+
 The file is both the pytest test and, run under torchrun, the per-rank worker.
 """
 
@@ -16,6 +21,62 @@ from pathlib import Path
 import pytest
 
 MODALITIES = ("T1", "rsfMRI")
+T1_ONLY = {"T1": {"size": [32, 32, 32], "patch": [8, 8, 8]}}
+
+
+def _pretrained_worker(out_dir: Path, source: Path) -> None:
+    import deepspeed
+    import torch
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from umbrella_ds.model import build_model
+    from umbrella_ds.train import ds_setup
+    from umbrella_ds.train.env import release_deepspeed_shm
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    release_deepspeed_shm(rank)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": False},
+    }
+    with ds_setup.zero3_pretrained_loading(ds_config):
+        assert is_deepspeed_zero3_enabled()
+        model, _ = build_model(
+            str(source),
+            init="pretrained",
+            modalities=T1_ONLY,
+            zero3_init=lambda: deepspeed.zero.Init(config_dict_or_path=ds_config),
+        )
+    params = dict(model.named_parameters())
+    plain = sorted(n for n, p in params.items() if not hasattr(p, "ds_numel"))
+    whole = sum(p.ds_numel for p in params.values() if hasattr(p, "ds_numel"))
+    local = sum(p.ds_tensor.numel() for p in params.values() if hasattr(p, "ds_numel"))
+    # the reference: the same directory loaded whole, without ZeRO (HF's ordinary path, which
+    # also maps the hub's key layout onto transformers 5.x names)
+    reference, _ = build_model(str(source), init="pretrained", modalities=T1_ONLY)
+    expected = {n: p.detach() for n, p in reference.named_parameters()}
+    compared, differ = 0, []
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        for name, param in params.items():
+            if param.requires_grad:
+                continue  # the MRI patch embedding: new, random, not in the directory
+            compared += 1
+            if not torch.equal(param.detach(), expected[name]):
+                differ.append(name)
+    if rank == 0:
+        (out_dir / "result.json").write_text(
+            json.dumps(
+                {
+                    "plain": plain, "whole": whole, "local": local, "compared": compared,
+                    "params": len(params), "differ": differ,
+                    "zero3_after": is_deepspeed_zero3_enabled(),
+                }
+            )
+        )  # fmt: skip
+    torch.distributed.barrier()
 
 
 def _worker(out_dir: Path) -> None:
@@ -129,5 +190,41 @@ def test_zero3_partitioned_build_trains_only_patch_embedding(tmp_path, repo_root
     assert any("rsfMRI" in n for n in res["changed"])  # rank 1's rsfMRI gradient reached everyone
 
 
+def _save_unpatched_small(path: Path) -> None:
+    """A `small` LLaVA as it comes from the hub: the original 2D patch embedding, random weights."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from umbrella_ds.model import get_preset
+
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(get_preset("small").make_config()).save_pretrained(str(path))
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_zero3_pretrained_directory_loads_into_partitions(tmp_path, repo_root):
+    source = tmp_path / "small-hf"
+    _save_unpatched_small(source)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", "29518", __file__, str(tmp_path), str(source),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=repo_root, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["plain"] == [], f"loaded whole, not partitioned: {res['plain'][:5]}"
+    assert 0.45 < res["local"] / res["whole"] < 0.55, res
+    # every parameter but the new patch embedding's 3 was loaded into the partitions with the
+    # value the directory holds
+    assert res["compared"] == res["params"] - 3, res
+    assert res["differ"] == [], res["differ"]
+    assert res["zero3_after"] is False  # the HF global is dropped with the build
+
+
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    if len(sys.argv) > 2:
+        _pretrained_worker(Path(sys.argv[1]), Path(sys.argv[2]))
+    else:
+        _worker(Path(sys.argv[1]))

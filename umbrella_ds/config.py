@@ -86,6 +86,11 @@ class ModelConfig:
         """What build_model loads: a local directory wins over a preset name."""
         return self.path if self.path else str(self.preset)
 
+    @property
+    def init_kind(self) -> str:
+        """The init build_model uses: as set, else pretrained for a directory, random for a preset."""
+        return self.init or ("pretrained" if self.path else "random")
+
 
 @dataclass
 class TrainConfig:

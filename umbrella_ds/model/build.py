@@ -4,8 +4,9 @@ No code path downloads: pretrained weights and tokenizers come from local direct
 (`local_files_only=True`). DeepSpeed is never imported here; the training code passes
 `zero3_init` (e.g. `lambda: deepspeed.zero.Init(config_dict_or_path=ds_cfg)`) so large
 random-init models are constructed partitioned. For *pretrained* weights under ZeRO-3 the
-caller must also keep a `transformers.integrations.HfDeepSpeedConfig(ds_config)` alive before
-calling build_model, which is how `from_pretrained` loads straight into partitions.
+caller must also keep a `transformers.integrations.HfDeepSpeedConfig(ds_config)` alive around
+build_model, which is how `from_pretrained` loads straight into partitions: the engine does so
+with `train.ds_setup.zero3_pretrained_loading` (tests/test_model_zero3.py).
 """
 
 from __future__ import annotations
@@ -146,6 +147,11 @@ def build_model(
                 model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
         if manual_zero3:
             initialize_weights_zero3(model)
+        if seed is not None:
+            # The trainable initialisation depends on the seed alone, not on how many random
+            # numbers building the base model drew (that differs between loading whole and
+            # loading into ZeRO-3 partitions, or random and pretrained init).
+            torch.manual_seed(seed)
         with zero3_init() if zero3_init is not None else contextlib.nullcontext():
             splice_patch_embed(model, mods)
     freeze_all_but_patch_embed(model)

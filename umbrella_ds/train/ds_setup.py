@@ -10,10 +10,11 @@ learning rate written to metrics.jsonl is exactly the one the step used.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,28 @@ def build_optimizer(
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
     return opt, sched
+
+
+@contextlib.contextmanager
+def zero3_pretrained_loading(ds: dict[str, Any]) -> Iterator[None]:
+    """While open, transformers' ``from_pretrained`` builds the model partitioned and loads the
+    weights into the partitions (rank 0 reads the files, each layer is gathered, filled and
+    re-partitioned), as HF's Trainer arranges with the same object.
+
+    Without it a pretrained model under ZeRO-3 was loaded whole on every rank and partitioned only
+    by ``deepspeed.initialize``: for the 34B preset (``configs/34b_zero3.yaml``) 136 GB of fp32
+    weights per rank, 8 ranks to a node. The global HF reads is a weak reference, so the object is
+    held here and dropped on exit: nothing after the build sees ZeRO-3 "enabled" by accident.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(ds)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep_alive
 
 
 def initialize(model: torch.nn.Module, train: TrainConfig, ds: dict[str, Any]):

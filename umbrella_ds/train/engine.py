@@ -12,6 +12,7 @@ DeepSpeed's 1/accumulation scaling and averaging over ranks the gradient is that
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -101,15 +102,26 @@ def _run(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) -
     ds_cfg = ds_setup.resolve_ds_config(cfg.train, world, load_universal=universal)
     zero3 = ds_setup.zero_stage(ds_cfg) == 3
     all_mods = tuple(cfg.model.modalities)
-    model, tokenizer = build_model(
-        cfg.model.source,
-        modalities={m: {"size": s.size, "patch": s.patch} for m, s in cfg.model.modalities.items()},
-        init=cfg.model.init,
-        dtype=torch.float32,
-        zero3_init=(lambda: deepspeed.zero.Init(config_dict_or_path=ds_cfg)) if zero3 else None,
-        activation_checkpointing=(cfg.model.checkpointing.vision, cfg.model.checkpointing.language),
-        seed=cfg.train.seed,
-    )
+    pretrained_zero3 = zero3 and cfg.model.init_kind == "pretrained"
+    if pretrained_zero3 and rank == 0:
+        log.info("ZeRO-3: loading %s straight into the partitions", cfg.model.source)
+    with (
+        ds_setup.zero3_pretrained_loading(ds_cfg) if pretrained_zero3 else contextlib.nullcontext()
+    ):
+        model, tokenizer = build_model(
+            cfg.model.source,
+            modalities={
+                m: {"size": s.size, "patch": s.patch} for m, s in cfg.model.modalities.items()
+            },
+            init=cfg.model.init,
+            dtype=torch.float32,
+            zero3_init=(lambda: deepspeed.zero.Init(config_dict_or_path=ds_cfg)) if zero3 else None,
+            activation_checkpointing=(
+                cfg.model.checkpointing.vision,
+                cfg.model.checkpointing.language,
+            ),
+            seed=cfg.train.seed,
+        )
     if cfg.train.compile == "blocks":
         n_blocks = compile_blocks(model, zero3=zero3)
         if rank == 0:
