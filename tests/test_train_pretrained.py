@@ -4,7 +4,9 @@ The directory is an unpatched LLaVA saved by transformers (hub key layout) with 
 the `tiny` architecture with random weights. ZeRO-2 loads it whole on each rank; ZeRO-3 loads it
 straight into the partitions (`ds_setup.zero3_pretrained_loading`, tested at the model level in
 test_model_zero3.py). Same weights, same seed, fp32: the first losses must agree, which they
-would not if either path had left the frozen weights at an initialisation of its own.
+would not if either path had left the frozen weights at an initialisation of its own (or drawn
+the patch embedding's from another random state). A bf16 ZeRO-3 run, weights read as bf16,
+lands within bf16 rounding of them.
 """
 
 from __future__ import annotations
@@ -39,18 +41,20 @@ def pretrained_dir(tmp_path_factory):
     return out
 
 
-def _run(data, out, source, stage: str) -> dict[int, float]:
+def _run(data, out, source, stage: str, bf16: bool = False) -> dict[int, float]:
     sets = base_sets(
         data, out,
         **{"model.preset": "null", "model.path": str(source), "train.deepspeed": stage,
-           "train.bf16": "false", "train.max_steps": STEPS, "train.global_batch": 4,
+           "train.bf16": str(bf16).lower(), "train.max_steps": STEPS, "train.global_batch": 4,
            "train.micro_batch": 2, "checkpoint.every_steps": 0},
     )  # fmt: skip
     proc = run_train(2, sets, resume="none", timeout=300)
     check(proc)
     output = proc.stdout + proc.stderr
     assert "(pretrained init)" in output
-    assert ("straight into the partitions" in output) == (stage == "zero3")
+    assert ("straight into the ZeRO-3 partitions" in output) == (stage == "zero3")
+    # a bf16 run reads the weights as bf16 (DeepSpeed would cast them anyway)
+    assert f"pretrained init, built in torch.{'bfloat16' if bf16 else 'float32'}" in output
     return losses_by_step(out)
 
 
@@ -65,3 +69,6 @@ def test_pretrained_directory_trains_alike_under_zero2_and_zero3(
     z3 = _run(train_data, tmp_path / "z3", pretrained_dir, "zero3")
     assert sorted(z2) == sorted(z3) == list(range(1, STEPS + 1))
     assert abs(z2[1] - z3[1]) <= 1e-4 * max(1.0, abs(z2[1])), (z2, z3)
+    # the production setting: bf16, weights read as bf16 into the partitions
+    z3_bf16 = _run(train_data, tmp_path / "z3bf16", pretrained_dir, "zero3", bf16=True)
+    assert abs(z3_bf16[1] - z3[1]) <= 1e-2 * max(1.0, abs(z3[1])), (z3, z3_bf16)

@@ -103,8 +103,17 @@ def _run(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) -
     zero3 = ds_setup.zero_stage(ds_cfg) == 3
     all_mods = tuple(cfg.model.modalities)
     pretrained_zero3 = zero3 and cfg.model.init_kind == "pretrained"
-    if pretrained_zero3 and rank == 0:
-        log.info("ZeRO-3: loading %s straight into the partitions", cfg.model.source)
+    # DeepSpeed casts every parameter to bf16 in a bf16 run anyway; reading pretrained weights as
+    # bf16 halves the host memory each rank needs while loading (14 GB instead of 28 for a 7B).
+    # Random init stays fp32, so the presets' initial values do not depend on train.bf16.
+    build_dtype = (
+        torch.bfloat16 if cfg.train.bf16 and cfg.model.init_kind == "pretrained" else torch.float32
+    )
+    if rank == 0:
+        log.info(
+            "model %s: %s init, built in %s%s", cfg.model.source, cfg.model.init_kind, build_dtype,
+            ", loaded straight into the ZeRO-3 partitions" if pretrained_zero3 else "",
+        )  # fmt: skip
     with (
         ds_setup.zero3_pretrained_loading(ds_cfg) if pretrained_zero3 else contextlib.nullcontext()
     ):
@@ -114,7 +123,7 @@ def _run(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) -
                 m: {"size": s.size, "patch": s.patch} for m, s in cfg.model.modalities.items()
             },
             init=cfg.model.init,
-            dtype=torch.float32,
+            dtype=build_dtype,
             zero3_init=(lambda: deepspeed.zero.Init(config_dict_or_path=ds_cfg)) if zero3 else None,
             activation_checkpointing=(
                 cfg.model.checkpointing.vision,
