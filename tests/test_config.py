@@ -83,6 +83,9 @@ def test_overrides_types_and_several_pairs():
         ("model.modalities.DWI.size=[8, 8, 8]", "model.modalities.DWI"),
         ("data.overflow=cut", "data.overflow"),
         ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+        ("checkpoint.keep_best=t1/sex/accuracy", "checkpoint.keep_best"),
+        ("checkpoint.keep_best=t1_sex/", "checkpoint.keep_best"),
+        ("checkpoint.keep_best=accuracy", "checkpoint.keep_best"),  # no data.eval to rank by
         ("output_dir", "output_dir"),
     ],
 )

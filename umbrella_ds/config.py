@@ -126,7 +126,14 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 200
     keep_last: int = 2
-    keep_best: str | None = None  # an eval metric name, e.g. "accuracy" or "loss"
+    keep_best: str | None = None  # METRIC (the task "all" record) or TASK/METRIC, e.g. t1_sex/auroc
+
+    def keep_best_key(self) -> tuple[str, str] | None:
+        """(task, metric) that keep_best names; task "all" for a bare metric name."""
+        if not self.keep_best:
+            return None
+        task, _, metric = self.keep_best.rpartition("/")
+        return (task or "all", metric)
 
 
 @dataclass
@@ -384,6 +391,15 @@ def validate(cfg: RunConfig) -> None:
     c = cfg.checkpoint
     positive("checkpoint.every_steps", c.every_steps, allow_zero=True)
     positive("checkpoint.keep_last", c.keep_last)
+    if c.keep_best is not None:
+        parts = c.keep_best.split("/")
+        if len(parts) > 2 or not all(p.strip() for p in parts):
+            raise ConfigError(
+                f"checkpoint.keep_best={c.keep_best!r}: expected METRIC (e.g. accuracy, the mean "
+                "over tasks) or TASK/METRIC (e.g. t1_sex/auroc)"
+            )
+        if not cfg.data.eval:
+            raise ConfigError("checkpoint.keep_best needs an evaluation set (data.eval is empty)")
     e = cfg.eval
     positive("eval.every_steps", e.every_steps, allow_zero=True)
     positive("eval.max_new_tokens", e.max_new_tokens)

@@ -231,19 +231,29 @@ class Checkpointer:
             if p.name not in (keep, best):
                 shutil.rmtree(p)
 
-    def record_eval(self, step_dir: Path, metrics: dict[str, Any]) -> None:
-        """keep_best: remember the step whose named eval metric is best (rank 0)."""
-        name = self.cfg.keep_best
-        if self.rank != 0 or not name or metrics.get(name) is None:
+    def record_eval(self, step_dir: Path, records: list[dict[str, Any]]) -> None:
+        """keep_best: remember the step whose named eval metric is best (rank 0). ``records`` are
+        one evaluation's records: one per task and the ``task: "all"`` summary."""
+        key = self.cfg.keep_best_key()
+        if self.rank != 0 or key is None:
             return
-        value = float(metrics[name])
+        task, name = key
+        record = next((r for r in records if r.get("task") == task), None)
+        if record is None or record.get(name) is None:
+            log.warning(
+                "checkpoint.keep_best=%s: no value at %s (tasks evaluated: %s)",
+                self.cfg.keep_best, step_dir.name, sorted(str(r.get("task")) for r in records),
+            )  # fmt: skip
+            return
+        value = float(record[name])
         best_file = self.root / "best.json"
         if best_file.is_file():
             old = json.loads(best_file.read_text())
             lower = name in LOWER_IS_BETTER
             if (value >= old["value"]) if lower else (value <= old["value"]):
                 return
-        _atomic_write(best_file, json.dumps({"tag": step_dir.name, "metric": name, "value": value}))
+        best = {"tag": step_dir.name, "metric": self.cfg.keep_best, "value": value}
+        _atomic_write(best_file, json.dumps(best))
         _atomic_write(self.root / "best", step_dir.name + "\n")
 
     def load(self, engine, found: Found) -> None:

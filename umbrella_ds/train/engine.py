@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from umbrella_ds.config import RunConfig
+from umbrella_ds.config import ConfigError, RunConfig
 from umbrella_ds.data import ResumableSampler
 from umbrella_ds.model import (
     build_model,
@@ -39,7 +39,7 @@ from umbrella_ds.provenance import write_provenance
 from umbrella_ds.shards import open_dataset
 from umbrella_ds.train import checkpoint as ckpt
 from umbrella_ds.train import ds_setup, env, signals
-from umbrella_ds.train.evaluate import evaluate
+from umbrella_ds.train.evaluate import evaluate, task_name
 from umbrella_ds.train.inputs import (
     Inputs,
     build_inputs,
@@ -136,6 +136,7 @@ def _run(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) -
         if rank == 0:
             log.info("train.compile=blocks: compiled %d transformer blocks", n_blocks)
     inputs = build_inputs(cfg.data, cfg.model, model, tokenizer, cfg.train.seed)
+    _check_keep_best_task(cfg, inputs)
     ck = cfg.model.checkpointing
     flops = flop_counter(model, (ck.vision, ck.language))
     engine, sched = ds_setup.initialize(LossModule(model, all_mods), cfg.train, ds_cfg)
@@ -341,9 +342,23 @@ class _Trainer:
         for r in records:
             self.logger.write(r)
         if saved is not None and records:
-            self.checkpointer.record_eval(saved, records[-1])
+            self.checkpointer.record_eval(saved, records)
         if self.rank == 0 and records:
             log.info("eval at step %d: %s", step, records[-1])
+
+
+def _check_keep_best_task(cfg: RunConfig, inputs: Inputs) -> None:
+    """A keep_best naming a task the evaluation set does not have would never record a best
+    checkpoint; say so before training rather than after it."""
+    key = cfg.checkpoint.keep_best_key()
+    if key is None or key[0] == "all" or inputs.eval_set is None:
+        return
+    tasks = sorted({task_name(t) for t in inputs.eval_set.tasks})
+    if key[0] not in tasks:
+        raise ConfigError(
+            f"checkpoint.keep_best={cfg.checkpoint.keep_best!r}: the evaluation set has no task "
+            f"{key[0]!r} (its tasks: {tasks}; a bare metric name uses the mean over them)"
+        )
 
 
 def _write_start(logger: RunLogger, denv: env.DistEnv, cfg: RunConfig, fps, found, model) -> None:
