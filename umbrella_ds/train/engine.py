@@ -246,7 +246,10 @@ class _Trainer:
         return every > 0 and step % every == 0
 
     def _agree(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
-        """One all-reduce: supervised tokens, tokens, image tokens and the stop flag."""
+        """One all-reduce: supervised tokens, tokens, image tokens and the stop flag.
+
+        Collective tensors live on the training device: NCCL, the GPU backend, has no CPU
+        tensors (gloo serves the CPU runs)."""
         local = torch.tensor(
             [
                 sum(b["num_loss_tokens"] for b in batches),
@@ -255,6 +258,7 @@ class _Trainer:
                 float(signals.requested() is not None),
             ],
             dtype=torch.float64,
+            device=self.device,
         )
         dist.all_reduce(local)
         loss_tokens, tokens, image_tokens, stop = (int(x) for x in local.tolist())
@@ -269,7 +273,8 @@ class _Trainer:
         self, batches: list[dict[str, Any]], counts: dict[str, Any], step: int
     ) -> tuple[float, bool]:
         normaliser = ds_setup.loss_normaliser(counts["loss_tokens"], self.world, self.gas)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        # summed on the device and read once per step: no host sync between micro-batches
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in batches:
             loss, s = self.engine(to_device(mb, self.device), normaliser)
             if step in self.nan_steps:
@@ -277,7 +282,7 @@ class _Trainer:
                 s = s * float("nan")
             self.engine.backward(loss)
             self.engine.step()
-            loss_sum += s.double().cpu()
+            loss_sum += s.detach().double()
         dist.all_reduce(loss_sum)
         return float(loss_sum) / counts["loss_tokens"], bool(self.engine.was_step_applied())
 

@@ -95,6 +95,10 @@ def init_distributed(d: DistEnv, timeout_s: int) -> None:
     import deepspeed
 
     export(d)
+    if not on_cpu():
+        # before any collective: NCCL's object collectives (watch_local_peers below) and barriers
+        # use the current device, and two ranks of one node on cuda:0 fail as duplicate GPUs
+        torch.cuda.set_device(d.local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
     set_default_group_timeout(timeout)
     deepspeed.init_distributed(
