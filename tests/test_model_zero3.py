@@ -24,6 +24,25 @@ MODALITIES = ("T1", "rsfMRI")
 T1_ONLY = {"T1": {"size": [32, 32, 32], "patch": [8, 8, 8]}}
 
 
+def _start_rank() -> tuple[int, dict]:
+    """gloo process group (DeepSpeed's shm segment released) and the ZeRO-3 config both workers use."""
+    import deepspeed
+    import torch
+
+    from umbrella_ds.train.env import release_deepspeed_shm
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    release_deepspeed_shm(rank)
+    return rank, {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": False},
+    }
+
+
 def _pretrained_worker(out_dir: Path, source: Path) -> None:
     import deepspeed
     import torch
@@ -31,17 +50,8 @@ def _pretrained_worker(out_dir: Path, source: Path) -> None:
 
     from umbrella_ds.model import build_model
     from umbrella_ds.train import ds_setup
-    from umbrella_ds.train.env import release_deepspeed_shm
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank = torch.distributed.get_rank()
-    release_deepspeed_shm(rank)
-    ds_config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "bf16": {"enabled": False},
-    }
+    rank, ds_config = _start_rank()
     with ds_setup.zero3_pretrained_loading(ds_config):
         assert is_deepspeed_zero3_enabled()
         model, _ = build_model(
@@ -90,18 +100,8 @@ def _worker(out_dir: Path) -> None:
         model_forward_loss,
         num_image_tokens,
     )
-    from umbrella_ds.train.env import release_deepspeed_shm
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank = torch.distributed.get_rank()
-    release_deepspeed_shm(rank)
-    ds_config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": False},
-    }
+    rank, ds_config = _start_rank()
     model, _ = build_model(
         "small",
         seed=0,
