@@ -123,8 +123,14 @@ umbrella_kill_steps() {
 # "...: task N: Killed", "srun: error: task N launch failed: ...". Status 75 is not bad: it is a
 # rank that stopped after the agreed checkpoint.
 umbrella_bad_tasks() {
-	grep -E '^srun: error: ([^:]+: )?tasks? [0-9]' "$UMBRELLA_STEP_LOG" 2>/dev/null |
-		grep -vE 'Exited with exit code 75$'
+	local lines
+	lines=$(grep -E '^srun: error: ([^:]+: )?tasks? [0-9]' "$UMBRELLA_STEP_LOG" 2>/dev/null |
+		grep -vE 'Exited with exit code 75$') || return 1
+	# A rank killed by a signal (or that failed to launch) is the cause; peers then exit with a
+	# status of their own, and srun may report them first: causes first.
+	grep -v 'Exited with exit code' <<<"$lines"
+	grep 'Exited with exit code' <<<"$lines"
+	return 0
 }
 
 # Runs "$@" (the step that starts the ranks) in the background and waits for it, so that traps
@@ -156,7 +162,12 @@ umbrella_run_step() {
 	while kill -0 "$pid" 2>/dev/null; do
 		sleep 1 &
 		wait $! 2>/dev/null # a trap interrupts this wait, not a foreground sleep
-		if [[ -z $UMBRELLA_KILLED_FOR ]] && bad=$(umbrella_bad_tasks); then
+		if [[ -z $UMBRELLA_KILLED_FOR ]] && umbrella_bad_tasks >/dev/null; then
+			# srun names each task as its node's slurmstepd notices: a peer that exited because
+			# a rank died can be named first. A moment's grace lets srun name the dead one too.
+			sleep 3 &
+			wait $! 2>/dev/null
+			bad=$(umbrella_bad_tasks)
 			UMBRELLA_KILLED_FOR=$(head -n 1 <<<"$bad")
 			umbrella_log "a rank failed ($UMBRELLA_KILLED_FOR): killing the other ranks"
 			umbrella_kill_steps
@@ -177,11 +188,7 @@ umbrella_report_failure() {
 	local rc=$1 lines line
 	sleep 1 # let tee write srun's last lines
 	umbrella_log "training failed (exit status $rc)"
-	if [[ -n $UMBRELLA_KILLED_FOR ]]; then
-		lines=$UMBRELLA_KILLED_FOR
-	else
-		lines=$(umbrella_bad_tasks || true)
-	fi
+	lines=$(umbrella_bad_tasks || true) # every task srun named, causes first
 	if [[ -z $lines ]]; then
 		umbrella_log "srun named no failed task; see the rank logs above (each rank logs its rank and host at start)"
 		return
