@@ -415,6 +415,14 @@ def main(argv: list[str] | None = None) -> int:
         "rates": "medians over the steps after each case's warm-up",
         "mfu": "engine formula (umbrella_ds/train/run_logging.py), peak 989 TFLOP/s bf16 dense",
     }
+
+    def save() -> Path:
+        """Rewritten after every case, so a session that ends early keeps what it measured."""
+        return write_result(
+            work.result, config, _figures(results), results_dir=a.results_dir,
+            ratio=_ratios(results, work.ratios), cases=results,
+        )  # fmt: skip
+
     with tempfile.TemporaryDirectory(prefix="train_gpu_", dir=a.workdir) as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
@@ -430,14 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {case['name']}", flush=True)
             results[case["name"]] = r = run_case(case, cfg_path, root, work.accelerator)
             print(json.dumps(r)[:600], flush=True)
-            write_result(
-                work.result, config, _figures(results), results_dir=a.results_dir,
-                ratio=_ratios(results, work.ratios), cases=results,
-            )  # fmt: skip
-    path = write_result(
-        work.result, config, _figures(results), results_dir=a.results_dir,
-        ratio=_ratios(results, work.ratios), cases=results,
-    )  # fmt: skip
+            save()
+    path = save()  # also records the cases the budget left out
     print(f"train_gpu finished in {time.perf_counter() - start:.0f} s; results in {path}")
     return 0
 

@@ -187,21 +187,21 @@ def test_infer_on_a_raw_nifti_answers_as_evaluation_on_the_packed_subject(
     subprocess.run(["cp", "-r", str(exported), str(bad)], check=True, timeout=60)
     info["base"]["weights_sha256"] = "0" * 64
     (bad / "export.json").write_text(json.dumps(info))
-    proc = subprocess.run(
-        [sys.executable, "-m", "umbrella_ds.infer", "--model", str(bad), "--prompt", prompt,
-         "--scan", f"T1={nifti}"],
-        env=env(), capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
+
+    def infer_bad() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "umbrella_ds.infer", "--model", str(bad), "--prompt", prompt,
+             "--scan", f"T1={nifti}"],
+            env=env(), capture_output=True, text=True, timeout=300, cwd=REPO,
+        )  # fmt: skip
+
+    proc = infer_bad()
     assert proc.returncode == 1 and "base model mismatch" in proc.stderr and "0" * 64 in proc.stderr
     # Preprocessing that does not fit the model's input grid is refused.
     info = json.loads((exported / "export.json").read_text())
     info["preprocessing"]["T1"]["size"] = [16, 16, 16]
     (bad / "export.json").write_text(json.dumps(info))
-    proc = subprocess.run(
-        [sys.executable, "-m", "umbrella_ds.infer", "--model", str(bad), "--prompt", prompt,
-         "--scan", f"T1={nifti}"],
-        env=env(), capture_output=True, text=True, timeout=300, cwd=REPO,
-    )  # fmt: skip
+    proc = infer_bad()
     assert proc.returncode == 1 and "preprocessing mismatch" in proc.stderr
 
 

@@ -148,25 +148,23 @@ def markdown(runs: list[Run]) -> str:
         return "\n".join(lines) + "\n"
     cols = [(k, t) for k, t in EVAL_COLUMNS if any(rec.get(k) is not None for _, _, rec in rows)]
     header = ["run", "task", *(t for _, t in cols), "count", "unparseable"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|---|---|" + "---:|" * (len(header) - 2))
-    for r, task, rec in rows:
-        ci = rec.get("ci95") or {}
-        cells = [r.name, task, *(_fmt(rec.get(k), ci.get(k)) for k, _ in cols)]
-        cells += [_fmt(rec.get("count")), _fmt(rec.get("unparseable"))]
-        lines.append("| " + " | ".join(cells) + " |")
+
+    def table(table_rows) -> list[str]:
+        out = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+        for r, task, rec in table_rows:
+            ci = rec.get("ci95") or {}
+            cells = [r.name, task, *(_fmt(rec.get(k), ci.get(k)) for k, _ in cols)]
+            cells += [_fmt(rec.get("count")), _fmt(rec.get("unparseable"))]
+            out.append("| " + " | ".join(cells) + " |")
+        return out
+
+    lines += table(rows)
     if any(rec.get("ci95") for _, _, rec in rows):
         lines += ["", "Brackets: 95% bootstrap interval over subjects."]
     per_subject = [(r, t, rec["per_subject"]) for r, t, rec in rows if rec.get("per_subject")]
     if per_subject:
         lines += ["", "### Per subject (windows of a subject aggregated)", ""]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|---|---|" + "---:|" * (len(header) - 2))
-        for r, task, rec in per_subject:
-            ci = rec.get("ci95") or {}
-            cells = [r.name, task, *(_fmt(rec.get(k), ci.get(k)) for k, _ in cols)]
-            cells += [_fmt(rec.get("count")), _fmt(rec.get("unparseable"))]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += table(per_subject)
     return "\n".join(lines) + "\n"
 
 

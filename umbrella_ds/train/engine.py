@@ -102,13 +102,12 @@ def _run(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) -
     ds_cfg = ds_setup.resolve_ds_config(cfg.train, world, load_universal=universal)
     zero3 = ds_setup.zero_stage(ds_cfg) == 3
     all_mods = tuple(cfg.model.modalities)
-    pretrained_zero3 = zero3 and cfg.model.init_kind == "pretrained"
+    pretrained = cfg.model.init_kind == "pretrained"
+    pretrained_zero3 = zero3 and pretrained
     # DeepSpeed casts every parameter to bf16 in a bf16 run anyway; reading pretrained weights as
     # bf16 halves the host memory each rank needs while loading (14 GB instead of 28 for a 7B).
     # Random init stays fp32, so the presets' initial values do not depend on train.bf16.
-    build_dtype = (
-        torch.bfloat16 if cfg.train.bf16 and cfg.model.init_kind == "pretrained" else torch.float32
-    )
+    build_dtype = torch.bfloat16 if cfg.train.bf16 and pretrained else torch.float32
     if rank == 0:
         log.info(
             "model %s: %s init, built in %s%s", cfg.model.source, cfg.model.init_kind, build_dtype,
