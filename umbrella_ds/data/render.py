@@ -1,16 +1,20 @@
-"""ChatML rendering of tasks into token ids and labels.
+"""Rendering of tasks into token ids and labels, in the base model's conversation template.
 
-Each turn is rendered as ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` and tokenized on its own:
-special tokens split the text at turn boundaries, so concatenating the turns gives the same ids
-as tokenizing the whole conversation (tested against `apply_chat_template`), while the renderer
-knows exactly which tokens are an assistant reply. Within a turn, character offsets separate the
-role header from the content.
+The template (`data/template.py`: ChatML or llava-1.5's) writes each turn's text and says which
+characters are the answer; this module tokenizes each turn on its own, so the renderer knows
+exactly which tokens are an assistant reply. For ChatML, special tokens split the text at turn
+boundaries, so concatenating the turns gives the same ids as tokenizing the whole conversation
+(tested against `apply_chat_template`). Within a turn, character offsets separate the role header
+from the content; a token that crosses that boundary (a BPE merge of header and answer) is refused,
+because the labels would then not be exactly the answer.
 
-Supervision: only assistant reply tokens and that turn's ``<|im_end|>``; headers, the newline
-after ``<|im_end|>``, system and user turns, and image tokens are -100.
+Supervision, for every template: only assistant reply tokens and that turn's end token
+(``<|im_end|>``, ``</s>``); headers, separators, the newline after ``<|im_end|>``, a leading
+``<s>``, system and user turns, and image tokens are -100.
 
-Images: ``<image>`` stays where it stands in the content and becomes `tokens_per_image[modality]`
-copies of the image token id (the count comes from the model's patch embedding).
+Images: an image stands where it stands in the content, as the template's image token, and
+becomes `tokens_per_image[modality]` copies of its id (the count comes from the model's patch
+embedding).
 """
 
 from __future__ import annotations
@@ -21,11 +25,10 @@ from typing import Literal
 
 import numpy as np
 
-from .instructions import IMAGE_PLACEHOLDER, ImageRef, Task, Turn
+from .instructions import ImageRef, Task, Turn
+from .template import ChatTemplate, TurnText, select_template
 
 IGNORE_INDEX = -100
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 
 
 class RenderError(ValueError):
@@ -46,7 +49,7 @@ class RenderedSample:
 
 @dataclass(frozen=True)
 class EvalSample:
-    prompt_ids: np.ndarray  # int64 (P,), ends with "<|im_start|>assistant\n"
+    prompt_ids: np.ndarray  # int64 (P,), ends with the template's generation prompt
     target_text: str
     image_modalities: tuple[str, ...]
 
@@ -58,8 +61,10 @@ class _TurnTokens:
 
 
 class Renderer:
-    """Tokenizer + image token counts + length policy -> samples.
+    """Tokenizer + conversation template + image token counts + length policy -> samples.
 
+    template: the base model's (`template_of(model)`); None derives it from the tokenizer
+    (`select_template`), for callers holding only a tokenizer (tests, benchmarks).
     overflow="reject": a sample longer than max_length raises SampleTooLongError.
     overflow="truncate": trailing text is cut to max_length, but only when no image block is cut
     and at least one supervised token remains; otherwise the sample is rejected as above.
@@ -71,6 +76,7 @@ class Renderer:
         tokens_per_image: Mapping[str, int],
         max_length: int,
         overflow: Literal["reject", "truncate"] = "reject",
+        template: ChatTemplate | None = None,
     ) -> None:
         if overflow not in ("reject", "truncate"):
             raise ValueError(f"overflow must be 'reject' or 'truncate', got {overflow!r}")
@@ -80,43 +86,14 @@ class Renderer:
             if int(n) <= 0:
                 raise ValueError(f"tokens_per_image[{mod!r}] must be positive, got {n}")
         self.tokenizer = tokenizer
+        self.template = template if template is not None else select_template(tokenizer=tokenizer)
         self.tokens_per_image = {m: int(n) for m, n in tokens_per_image.items()}
         self.max_length = int(max_length)
         self.overflow = overflow
-        self.image_token_id = self._special_id(IMAGE_PLACEHOLDER)
-        self.im_end_id = self._special_id(IM_END)
-        self._special_id(IM_START)
-        self._check_template()
-
-    # -- setup checks ---------------------------------------------------------------------------
-
-    def _special_id(self, token: str) -> int:
-        tid = self.tokenizer.convert_tokens_to_ids(token)
-        unk = getattr(self.tokenizer, "unk_token_id", None)
-        if tid is None or (unk is not None and tid == unk):
-            raise ValueError(
-                f"tokenizer has no {token!r} token; the renderer needs ChatML + <image>"
-            )
-        ids = self.tokenizer.encode(token, add_special_tokens=False)
-        if ids != [tid]:
-            raise ValueError(f"tokenizer splits {token!r} into {ids}; it must be one special token")
-        return int(tid)
-
-    def _check_template(self) -> None:
-        """Refuse a tokenizer whose chat template is not the ChatML this renderer writes."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("tokenizer has no chat_template (ChatML expected)")
-        probe = [
-            {"role": "system", "content": "s"},
-            {"role": "user", "content": "<image>\nq"},
-            {"role": "assistant", "content": "a."},
-        ]
-        ours = "".join(_turn_text(m["role"], m["content"]) for m in probe)
-        theirs = self.tokenizer.apply_chat_template(probe, tokenize=False)
-        if theirs != ours:
-            raise ValueError(
-                f"tokenizer's chat template is not plain ChatML: renders {theirs!r}, expected {ours!r}"
-            )
+        self.template.check_tokenizer(tokenizer)  # TemplateError (a ValueError) names the token
+        self.image_token_id = self.template.token_id(tokenizer, self.template.image_token)
+        self.turn_end_id = self.template.token_id(tokenizer, self.template.turn_end)
+        self.bos_ids = self.template.bos_ids(tokenizer)
 
     # -- rendering ------------------------------------------------------------------------------
 
@@ -128,20 +105,39 @@ class Renderer:
             )
         return self.tokens_per_image[modality]
 
-    def _render_turn(self, turn: Turn, task: Task) -> _TurnTokens:
-        content = turn.text
+    def _turns(self, task: Task, turns: tuple[Turn, ...]) -> list[tuple[Turn, str | None]]:
+        """The turns with the role before each; the template's default system turn goes first
+        when the task has none (llava-1.5's system prompt; ChatML has no default)."""
+        out: list[tuple[Turn, str | None]] = []
+        previous: str | None = None
+        if self.template.default_system is not None and (not turns or turns[0].role != "system"):
+            out.append((Turn("system", (self.template.default_system,)), None))
+            previous = "system"
+        for turn in turns:
+            out.append((turn, previous))
+            previous = turn.role
+        return out
+
+    def _render_turn(self, turn: Turn, previous: str | None, task: Task) -> _TurnTokens:
+        image = self.template.image_token
         for p in turn.parts:
-            if isinstance(p, str) and IMAGE_PLACEHOLDER in p:
-                raise RenderError(f"task {task.task_id!r}: text part contains a literal <image>")
-        header = f"{IM_START}{turn.role}\n"
-        text = _turn_text(turn.role, content)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            if isinstance(p, str) and image in p:
+                raise RenderError(f"task {task.task_id!r}: text part contains a literal {image}")
+        content = "".join(image if isinstance(p, ImageRef) else p for p in turn.parts)
+        tt: TurnText = self.template.turn(turn.role, content, previous)
+        enc = self.tokenizer(tt.text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         modalities = [p.modality for p in turn.parts if isinstance(p, ImageRef)]
-        # Supervised: tokens overlapping the content or the closing <|im_end|> of an assistant turn.
-        sup_lo, sup_hi = len(header), len(header) + len(content) + len(IM_END)
+        # Supervised: tokens overlapping the content or the closing turn end of an assistant turn.
+        sup_lo, sup_hi = tt.header_len, tt.supervised_end
+        assistant = turn.role == "assistant"
+        if assistant and any(s < sup_lo < e for s, e in enc["offset_mapping"]):
+            raise RenderError(
+                f"task {task.task_id!r}: a token spans the assistant header and the answer in "
+                f"{tt.text!r}; the labels could not be exactly the answer"
+            )
         supervised = [
-            turn.role == "assistant" and tid != self.image_token_id and e > sup_lo and s < sup_hi
+            assistant and tid != self.image_token_id and e > sup_lo and s < sup_hi
             for tid, (s, e) in zip(ids, enc["offset_mapping"])
         ]
         # Expand images, carrying the (unsupervised) flags along.
@@ -151,7 +147,7 @@ class Renderer:
         for tid, sup in zip(ids, supervised):
             if tid == self.image_token_id:
                 if k >= len(modalities):
-                    raise RenderError(f"task {task.task_id!r}: text contains a literal <image>")
+                    raise RenderError(f"task {task.task_id!r}: text contains a literal {image}")
                 n = self._n_tokens(modalities[k], task)
                 out_ids.extend([tid] * n)
                 out_sup.extend([False] * n)
@@ -161,7 +157,7 @@ class Renderer:
                 out_sup.append(sup)
         if k != len(modalities):
             raise RenderError(
-                f"task {task.task_id!r}: {len(modalities)} images in a turn but {k} <image> tokens"
+                f"task {task.task_id!r}: {len(modalities)} images in a turn but {k} {image} tokens"
             )
         return _TurnTokens(out_ids, out_sup)
 
@@ -171,10 +167,10 @@ class Renderer:
             raise RenderError(
                 f"task {task.task_id!r} ({task.source}): no assistant turn to supervise"
             )
-        ids: list[int] = []
-        sup: list[bool] = []
-        for turn in task.turns:
-            tt = self._render_turn(turn, task)
+        ids: list[int] = list(self.bos_ids)
+        sup: list[bool] = [False] * len(ids)
+        for turn, previous in self._turns(task, task.turns):
+            tt = self._render_turn(turn, previous, task)
             ids.extend(tt.ids)
             sup.extend(tt.supervised)
         input_ids = np.asarray(ids, dtype=np.int64)
@@ -211,10 +207,13 @@ class Renderer:
         final = task.turns[-1]
         if any(isinstance(p, ImageRef) for p in final.parts):
             raise RenderError(f"task {task.task_id!r}: the final answer may not contain an image")
-        ids: list[int] = []
-        for turn in task.turns[:-1]:
-            ids.extend(self._render_turn(turn, task).ids)
-        ids.extend(self.tokenizer.encode(f"{IM_START}assistant\n", add_special_tokens=False))
+        ids: list[int] = list(self.bos_ids)
+        last: str | None = None  # role of the turn the generation prompt follows
+        for turn, before in self._turns(task, task.turns[:-1]):
+            ids.extend(self._render_turn(turn, before, task).ids)
+            last = turn.role
+        prompt = self.template.generation_prompt(last)
+        ids.extend(self.tokenizer.encode(prompt, add_special_tokens=False))
         if len(ids) > self.max_length:
             raise SampleTooLongError(
                 f"task {task.task_id!r} ({task.source}): prompt of {len(ids)} tokens > "
@@ -222,7 +221,3 @@ class Renderer:
             )
         modalities = tuple(im.modality for im in task.images)
         return EvalSample(np.asarray(ids, dtype=np.int64), final.text, modalities)
-
-
-def _turn_text(role: str, content: str) -> str:
-    return f"{IM_START}{role}\n{content}{IM_END}\n"
