@@ -30,6 +30,7 @@ from tqdm import tqdm
 from data_prep.preprocess import make_params, rsfmri_from_source, t1_from_source
 from data_prep.readers import InputRejected, read_rsfmri, read_t1
 from umbrella_ds import shards
+from umbrella_ds.errors import UserError
 from umbrella_ds.provenance import write_provenance
 
 ID_COLUMNS = ("subject_id", "subjectkey")
@@ -38,7 +39,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTIONS = 0, 1, 2, 3
 DIE_AFTER_ENV = "UMBRELLA_PACK_TEST_DIE_AFTER_SHARD"
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """Bad arguments or manifest: exit status 2, message names the problem."""
 
 
@@ -69,7 +70,7 @@ class BuildOptions:
     subjects_per_shard: int = 32
     workers: int = 1
     mpi: bool = False
-    compression: str = "none"
+    compression: str = "auto"  # per modality: shards.DEFAULT_COMPRESSION
     resume: bool = False
     progress: bool = True
     dry_run: bool = False
@@ -415,9 +416,12 @@ def build(opts: BuildOptions) -> int:
         raise UsageError("--subjects-per-shard must be >= 1")
     if opts.workers < 1:
         raise UsageError("--workers must be >= 1")
-    if opts.compression not in shards.COMPRESSIONS:
-        raise UsageError(f"--compression {opts.compression}: choose one of {shards.COMPRESSIONS}")
+    if opts.compression not in ("auto", *shards.COMPRESSIONS):
+        raise UsageError(
+            f"--compression {opts.compression}: choose one of auto, {', '.join(shards.COMPRESSIONS)}"
+        )
     rows, modalities = read_manifest(opts.manifest, opts.modalities)
+    compressions = shards.resolve_compression(opts.compression, modalities)
     try:
         params = make_params(
             opts.t1_size if "T1" in modalities else None,
@@ -430,7 +434,7 @@ def build(opts: BuildOptions) -> int:
     fixed = {
         "format_version": shards.FORMAT_VERSION,
         "params": params,
-        "compression": opts.compression,
+        "compression": compressions,
         "modalities": modalities,
         "subjects_per_shard": opts.subjects_per_shard,
     }

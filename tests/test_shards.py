@@ -10,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import xxhash
 
 from umbrella_ds import shards
 from umbrella_ds.shards import ShardError, ShardWriter, build_index, open_dataset, write_index
@@ -18,14 +19,18 @@ SHAPES = {"T1": (8, 8, 8), "rsfMRI": (4, 4, 4)}
 FRAMES = [11, 5, 20, 9, 13]
 
 
-def _write(out: Path, compression: str = "none", per_shard: int = 2) -> dict[str, np.ndarray]:
+def _write(
+    out: Path, compression: str = "none", per_shard: int = 2, version: int = shards.FORMAT_VERSION
+) -> dict[str, np.ndarray]:
     """Five subjects over three shards; subject 3 lacks rsfMRI. Returns the arrays written."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     truth: dict[str, np.ndarray] = {}
     records = []
     for k in range(3):
-        w = ShardWriter(out, k, SHAPES, compression, {"T1": {"size": [8, 8, 8]}}, job=f"job{k}")
+        w = ShardWriter(
+            out, k, SHAPES, compression, {"T1": {"size": [8, 8, 8]}}, f"job{k}", version
+        )
         for pos in range(k * per_shard, min(5, (k + 1) * per_shard)):
             sid = f"S{pos}"
             vols = {"T1": rng.standard_normal(SHAPES["T1"]).astype(np.float16)}
@@ -42,7 +47,8 @@ def _write(out: Path, compression: str = "none", per_shard: int = 2) -> dict[str
             w.add_rejection("S5", "T1", "/x.nii.gz", "missing file")
         records.append(w.close())
     write_index(out, build_index(records, shapes=SHAPES, preprocessing={"T1": {"size": [8, 8, 8]}},
-                                 compression=compression, subjects_per_shard=per_shard))  # fmt: skip
+                                 compression=compression, subjects_per_shard=per_shard,
+                                 format_version=version))  # fmt: skip
     return truth
 
 
@@ -86,20 +92,40 @@ def test_reader_api(packed: tuple[Path, dict[str, np.ndarray]]) -> None:
     assert shards.verify(out) == []
 
 
-def test_storage_layout(packed: tuple[Path, dict[str, np.ndarray]]) -> None:
-    out, _ = packed
+def test_storage_layout_v1(tmp_path: Path) -> None:
+    out = tmp_path / "v1"
+    _write(out, version=1)
     with h5py.File(out / "shard-00000.h5") as f:
         t1, rs = f[shards.DS_T1], f[shards.DS_RS_FRAMES]
         assert t1.chunks == (1, 8, 8, 8) and t1.fletcher32 and t1.dtype == np.float16
         assert rs.chunks == (shards.FRAMES_PER_CHUNK, 4, 4, 4) and rs.fletcher32
         assert list(f[shards.DS_RS_OFFSETS][()]) == [0, 11, 16]
+        assert "T1_xxh3" not in f
+
+
+def test_storage_layout(packed: tuple[Path, dict[str, np.ndarray]]) -> None:
+    out, _ = packed
+    with h5py.File(out / "shard-00000.h5") as f:
+        t1, rs = f[shards.DS_T1], f[shards.DS_RS_FRAMES]
+        assert t1.chunks == (1, 8, 8, 8) and not t1.fletcher32 and t1.dtype == np.float16
+        assert rs.chunks == (shards.FRAMES_PER_CHUNK, 4, 4, 4) and not rs.fletcher32
+        assert list(f[shards.DS_RS_OFFSETS][()]) == [0, 11, 16]
+        # v2: one xxh3-64 (seed 0) per chunk, over the chunk's stored bytes (docs/FORMAT.md)
+        for ds in (t1, rs):
+            digests = f[ds.name + "_xxh3"]
+            assert digests.dtype == np.dtype("<u8")
+            n = -(-ds.shape[0] // ds.chunks[0])
+            assert digests.shape == (n,)
+            for k in range(n):
+                raw = ds.id.read_direct_chunk((k * ds.chunks[0], 0, 0, 0))[1]
+                assert int(digests[k]) == xxhash.xxh3_64_intdigest(raw, seed=0)
     assert (out / "index.json").read_text().count(
         '"reason": "missing file"'
     ) == 0  # lives in rejected.csv
     assert open_dataset(out).index["num_rejections"] == 1
 
 
-@pytest.mark.parametrize("compression", ["none", "lzf", "gzip", "blosc"])
+@pytest.mark.parametrize("compression", shards.COMPRESSIONS)
 def test_writes_are_byte_identical_and_read_back(tmp_path: Path, compression: str) -> None:
     truth = _write(tmp_path / "a", compression)
     _write(tmp_path / "b", compression)
@@ -198,3 +224,116 @@ def test_open_dataset_errors(tmp_path: Path) -> None:
     (tmp_path / "index.json").write_text('{"format": "umbrella-shards", "format_version": 99}')
     with pytest.raises(ShardError, match="format version 99"):
         open_dataset(tmp_path)
+
+
+def _flip_in_chunk(path: Path, name: str, k: int, at: int = 10) -> None:
+    with h5py.File(path) as f:
+        ds = f[name]
+        offset = ds.id.get_chunk_info(k).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + at)
+        b = fh.read(1)
+        fh.seek(offset + at)
+        fh.write(bytes([b[0] ^ 0x01]))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("compression", ["none", "blosc-zstd-bitshuffle", "gzip"])
+def test_flipped_chunk_byte_named_on_read_and_by_verify(
+    tmp_path: Path, version: int, compression: str
+) -> None:
+    out = tmp_path / "ds"
+    truth = _write(out, compression, version=version)
+    # shard 1 holds S2 (T1 row 0, frames 0..20) and S3 (T1 row 1, no rsfMRI)
+    path = out / "shard-00001.h5"
+    _flip_in_chunk(path, shards.DS_T1, 1)
+    _flip_in_chunk(path, shards.DS_RS_FRAMES, 1, at=3)  # frames 8..16 of S2
+    ds = open_dataset(out)
+    np.testing.assert_array_equal(ds.read("S2", "T1"), truth["S2/T1"])  # other chunk intact
+    with pytest.raises(shards.ShardCorruptError, match=r"shard-00001\.h5.*subject S3 T1"):
+        ds.read("S3", "T1")
+    np.testing.assert_array_equal(  # a window inside chunk 0 never touches the damage
+        ds.read_window("S2", "rsfMRI", 1, 6), np.moveaxis(truth["S2/rsfMRI"][1:7], 0, -1)
+    )
+    with pytest.raises(shards.ShardCorruptError, match=r"subject S2 rsfMRI frames \d+\.\.14"):
+        ds.read_window("S2", "rsfMRI", 4, 10)
+    problems = shards.verify(out)
+    assert any(f"{path}: {shards.CORRUPT} (sha256 mismatch)" in p for p in problems), problems
+    assert any("T1 chunk 1, subject S3 T1" in p for p in problems), problems
+    assert any("rsfMRI_frames chunk 1, subject S2 frames 8..16 rsfMRI" in p for p in problems)
+    assert not any("shard-00000" in p or "shard-00002" in p for p in problems)
+
+
+@pytest.mark.parametrize("compression", ["none", "lzf", "blosc-lz4", "blosc-zstd-bitshuffle"])
+def test_v1_and_v2_read_back_equal_arrays(tmp_path: Path, compression: str) -> None:
+    truth = _write(tmp_path / "v1", compression, version=1)
+    _write(tmp_path / "v2", compression, version=2)
+    a, b = open_dataset(tmp_path / "v1"), open_dataset(tmp_path / "v2")
+    assert (a.format_version, b.format_version) == (1, 2)
+    for sid in a.subjects:
+        np.testing.assert_array_equal(a.read(sid, "T1"), b.read(sid, "T1"))
+        np.testing.assert_array_equal(b.read(sid, "T1"), truth[f"{sid}/T1"])
+        if a.has(sid, "rsfMRI"):
+            n = a.num_frames(sid)
+            for start, length in ((0, n), (3, min(9, n - 3)), (n - 1, 1)):
+                np.testing.assert_array_equal(
+                    a.read_window(sid, "rsfMRI", start, length),
+                    b.read_window(sid, "rsfMRI", start, length),
+                )
+    assert shards.verify(tmp_path / "v1") == [] and shards.verify(tmp_path / "v2") == []
+
+
+def test_upgrade_converts_v1_to_v2(tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    truth = _write(out, "blosc", version=1)
+    assert shards.upgrade(out) == {"path": str(out), "shards": 3, "resumed": False}
+    ds = open_dataset(out)
+    assert ds.format_version == 2 and ds.index["compressions"]["T1"] == "blosc"
+    assert shards.verify(out) == [] and not (out / shards.UPGRADE_DIR).exists()
+    ds.check()
+    for key, arr in truth.items():
+        sid, m = key.split("/")
+        got = ds.read(sid, m)
+        np.testing.assert_array_equal(got, arr if m == "T1" else np.moveaxis(arr, 0, -1))
+    assert ds.index["subjects"] == open_dataset(out).index["subjects"]
+    assert shards.upgrade(out)["shards"] == 0  # already current
+    # recompress while upgrading; the result is byte-identical to a direct v2 write
+    shards.upgrade(out, "none")
+    _write(tmp_path / "direct", "none")
+    for k in range(3):
+        name = shards.shard_name(k)
+        assert (out / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
+
+
+def test_interrupted_upgrade_rolls_forward(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "ds"
+    truth = _write(out, "none", version=1)
+    calls = []
+
+    def crash_after_first(src: str | Path, dst: str | Path) -> None:
+        if Path(dst).parent == out:  # the roll-forward, not a shard's own rename in the stage
+            calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("power cut")
+        real_replace(src, dst)
+
+    real_replace = shards.os.replace
+    monkeypatch.setattr(shards.os, "replace", crash_after_first)
+    with pytest.raises(OSError, match="power cut"):
+        shards.upgrade(out)
+    monkeypatch.setattr(shards.os, "replace", real_replace)
+    with pytest.raises(ShardError, match="interrupted `umbrella-pack upgrade`"):
+        open_dataset(out).check()
+    assert shards.upgrade(out)["resumed"] is True
+    ds = open_dataset(out)
+    assert ds.format_version == 2 and shards.verify(out) == []
+    np.testing.assert_array_equal(ds.read("S4", "T1"), truth["S4/T1"])
+
+
+def test_upgrade_refuses_a_damaged_v1_shard(tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    _write(out, "none", version=1)
+    _flip_in_chunk(out / "shard-00002.h5", shards.DS_T1, 0)
+    with pytest.raises(shards.ShardCorruptError, match=r"shard-00002\.h5.*nothing upgraded"):
+        shards.upgrade(out)
+    assert open_dataset(out).format_version == 1

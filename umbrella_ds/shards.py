@@ -1,4 +1,6 @@
-"""THE shard format (v1): writer, reader, index, verify and info. One source of truth.
+"""THE shard format (v2; v1 still read): writer, reader, index, verify, upgrade and info.
+
+One source of truth.
 
 A dataset directory holds ``shard-00000.h5`` ... and ``index.json`` (written last). Packing
 (``data_prep``) writes shards through :class:`ShardWriter` and the index through
@@ -15,19 +17,26 @@ import json
 import os
 import shutil
 import sys
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import blosc
 import h5py
 import hdf5plugin  # registers the Blosc filter, so blosc shards read anywhere shards.py is imported
 import numpy as np
+import xxhash
 
 from umbrella_ds import __version__
 
 FORMAT_NAME = "umbrella-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this reader reads. v1: HDF5 fletcher32 per chunk (a byte loop, about 2.4 GB/s, most
+# of a read's cost). v2: xxh3-64 of every stored chunk in the shard, checked on every read at
+# memory speed (tens of GB/s), chunks read directly and decoded here.
+READ_VERSIONS = (1, 2)
 INDEX_NAME = "index.json"
 REJECTED_NAME = "rejected.csv"
 DTYPE = np.float16
@@ -35,7 +44,23 @@ MODALITIES = ("T1", "rsfMRI")
 # rsfMRI frames per HDF5 chunk: a 24-frame window touches 6-7 chunks, a whole chunk stays
 # small enough (8 x 96^3 x 2 B = 14 MB) that reading one frame does not drag in a series.
 FRAMES_PER_CHUNK = 8
-COMPRESSIONS = ("none", "lzf", "gzip", "blosc")
+# Blosc (through hdf5plugin, decoded on read by python-blosc): codec and shuffle per name.
+# "blosc" is the v1 name of lz4 + byte shuffle, kept so v1 options still mean what they meant.
+BLOSC_CODECS: dict[str, tuple[str, int, int]] = {
+    "blosc": ("lz4", 5, hdf5plugin.Blosc.SHUFFLE),
+    "blosc-lz4": ("lz4", 5, hdf5plugin.Blosc.SHUFFLE),
+    "blosc-lz4-bitshuffle": ("lz4", 5, hdf5plugin.Blosc.BITSHUFFLE),
+    "blosc-zstd": ("zstd", 3, hdf5plugin.Blosc.SHUFFLE),
+    "blosc-zstd-bitshuffle": ("zstd", 3, hdf5plugin.Blosc.BITSHUFFLE),
+}
+COMPRESSIONS = ("none", "lzf", "gzip", *BLOSC_CODECS)
+# `--compression auto` (the build default): per modality, chosen by delivered samples/s per
+# loader worker and bytes read per sample on the realistic synthetic cohort
+# (benchmarks/compression_bench.py, docs/BENCHMARKS.md "Compression").
+DEFAULT_COMPRESSION: dict[str, str] = {"T1": "none", "rsfMRI": "blosc-zstd-bitshuffle"}
+# Per-chunk digest of v2: xxh3-64, seed 0, over the chunk's bytes as stored in the file.
+DIGEST_SEED = 0
+DIGEST_SUFFIX = "_xxh3"
 # HDF5 chunk cache per open shard. Training reads each volume once per epoch in random order,
 # so a cache only adds a copy and, with hundreds of shards open per worker, memory; reads go
 # straight into the caller's array (measured: benchmarks/read_path.py).
@@ -55,10 +80,35 @@ DS_RS_FRAMES = "rsfMRI_frames"
 DS_RS_SUBJECTS = "rsfMRI_subjects"
 DS_RS_OFFSETS = "rsfMRI_offsets"
 ATTR_META = "meta_json"
+# A half-finished `umbrella-pack upgrade` keeps its complete new dataset here until it is moved.
+UPGRADE_DIR = ".upgrade"
 
 
 class ShardError(Exception):
     """A shard is missing, corrupt or inconsistent with the index; the message names the file."""
+
+
+class ShardCorruptError(ShardError):
+    """A chunk's stored bytes no longer match their checksum; names file, dataset, chunk, subject."""
+
+
+def chunk_digest(data: Any) -> int:
+    """The v2 per-chunk checksum: xxh3-64 (seed 0) of the stored chunk bytes (docs/FORMAT.md)."""
+    return xxhash.xxh3_64_intdigest(data, DIGEST_SEED)
+
+
+def resolve_compression(compression: str | dict[str, str], modalities: Iterable[str]) -> dict:
+    """Compression per modality: ``auto`` -> DEFAULT_COMPRESSION, a name -> that for all."""
+    if isinstance(compression, dict):
+        out = {m: compression[m] for m in modalities}
+    elif compression == "auto":
+        out = {m: DEFAULT_COMPRESSION[m] for m in modalities}
+    else:
+        out = {m: compression for m in modalities}
+    for name in out.values():
+        if name not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {name!r}; choose one of auto, {COMPRESSIONS}")
+    return out
 
 
 def shard_name(index: int) -> str:
@@ -121,9 +171,11 @@ def _compression_kwargs(compression: str) -> dict[str, Any]:
         return {"compression": "lzf"}
     if compression == "gzip":
         return {"compression": "gzip", "compression_opts": 4}
-    if compression == "blosc":
-        # lz4 with byte shuffle: float16 volumes compress on their exponent bytes, decode fast.
-        return dict(hdf5plugin.Blosc(cname="lz4", clevel=5, shuffle=hdf5plugin.Blosc.SHUFFLE))
+    if compression in BLOSC_CODECS:
+        # Shuffle groups the float16 exponent bytes (or bits), which is what compresses; the
+        # mantissa of noisy brain voxels does not. Constant background compresses to nothing.
+        cname, clevel, shuffle = BLOSC_CODECS[compression]
+        return dict(hdf5plugin.Blosc(cname=cname, clevel=clevel, shuffle=shuffle))
     raise ValueError(f"unknown compression {compression!r}; choose one of {COMPRESSIONS}")
 
 
@@ -156,10 +208,14 @@ class ShardWriter:
         out_dir: Path,
         shard: int,
         shapes: dict[str, tuple[int, ...]],
-        compression: str,
+        compression: str | dict[str, str],
         preprocessing: dict[str, Any],
         job: str,
+        format_version: int = FORMAT_VERSION,
     ) -> None:
+        if format_version not in READ_VERSIONS:
+            raise ValueError(f"format version {format_version}: writes {READ_VERSIONS}")
+        self.format_version = format_version
         self.out_dir = Path(out_dir)
         self.shard = shard
         self.final = self.out_dir / shard_name(shard)
@@ -167,8 +223,10 @@ class ShardWriter:
         self.job = job
         self.preprocessing = preprocessing
         self.shapes = {m: tuple(int(x) for x in s) for m, s in shapes.items()}
-        self._ckw = _compression_kwargs(compression)
-        self.compression = compression
+        self.compressions = resolve_compression(compression, self.shapes)
+        self.compression = compression if isinstance(compression, str) else "per-modality"
+        # v1 checks chunks with HDF5's fletcher32; v2 stores xxh3 digests of its own (on close).
+        fletcher = format_version == 1
         self._subjects: list[dict[str, Any]] = []
         self._rejections: list[dict[str, str]] = []
         self._t1_ids: list[str] = []
@@ -185,9 +243,9 @@ class ShardWriter:
                 maxshape=(None, d, h, w),
                 dtype=DTYPE,
                 chunks=(1, d, h, w),
-                fletcher32=True,
+                fletcher32=fletcher,
                 track_times=False,
-                **self._ckw,
+                **_compression_kwargs(self.compressions["T1"]),
             )
         if "rsfMRI" in self.shapes:
             d, h, w = self.shapes["rsfMRI"]
@@ -197,9 +255,9 @@ class ShardWriter:
                 maxshape=(None, d, h, w),
                 dtype=DTYPE,
                 chunks=(FRAMES_PER_CHUNK, d, h, w),
-                fletcher32=True,
+                fletcher32=fletcher,
                 track_times=False,
-                **self._ckw,
+                **_compression_kwargs(self.compressions["rsfMRI"]),
             )
 
     def add_subject(
@@ -279,13 +337,24 @@ class ShardWriter:
         self._f.create_dataset(
             DS_RS_OFFSETS, data=np.array(self._rs_offsets, dtype=np.int64), track_times=False
         )
+        if self.format_version >= 2:
+            self._f.flush()  # chunks leave HDF5's cache: their stored bytes are final
+            for ds in (self._t1, self._rs):
+                if ds is not None:
+                    self._f.create_dataset(
+                        ds.name.lstrip("/") + DIGEST_SUFFIX,
+                        data=_stored_digests(ds),
+                        dtype="<u8",
+                        track_times=False,
+                    )
         meta = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.format_version,
             "tool_version": __version__,
             "shard": self.shard,
             "job": self.job,
             "compression": self.compression,
+            "compressions": self.compressions,
             "shapes": {m: list(s) for m, s in self.shapes.items()},
             "preprocessing": self.preprocessing,
             "subjects": self._subjects,
@@ -318,6 +387,22 @@ class ShardWriter:
             _keep_unclosable((self._f, self._t1, self._rs))
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def _n_chunks(ds: h5py.Dataset) -> int:
+    step = ds.chunks[0]
+    return (ds.shape[0] + step - 1) // step
+
+
+def _stored_digests(ds: h5py.Dataset) -> np.ndarray:
+    """xxh3-64 of every chunk's stored bytes, in chunk order along axis 0 (the v2 digests)."""
+    step = ds.chunks[0]
+    zeros = (0,) * (ds.ndim - 1)
+    out = np.empty(_n_chunks(ds), dtype="<u8")
+    for k in range(out.size):
+        _, data = ds.id.read_direct_chunk((k * step, *zeros))
+        out[k] = chunk_digest(data)
+    return out
 
 
 _UNCLOSABLE: list[Any] = []  # h5py objects of files that failed to close (see ShardWriter.abort)
@@ -383,8 +468,8 @@ def reuse_shard(path: Path, job: str) -> ShardRecord | None:
     """Record of an existing shard if it was built for exactly this job and reads back intact.
 
     Used by ``--resume``: the job hash covers the shard's manifest rows, the preprocessing and
-    the format, so a kept shard is one the current run would write again; every chunk is read
-    so fletcher32 catches damage.
+    the format, so a kept shard is one the current run would write again; every chunk is
+    checked (v2: its xxh3 digest; v1: read through fletcher32).
     """
     if not path.is_file():
         return None
@@ -392,16 +477,74 @@ def reuse_shard(path: Path, job: str) -> ShardRecord | None:
         meta = read_shard_meta(path)
         if meta.get("job") != job or meta.get("format_version") != FORMAT_VERSION:
             return None
-        with h5py.File(path, "r") as f:
-            for name in (DS_T1, DS_RS_FRAMES):
-                if name in f:
-                    ds = f[name]
-                    step = ds.chunks[0] if ds.chunks else 1
-                    for i in range(0, ds.shape[0], step):
-                        ds[i : i + step]
+        if chunk_problems(path, int(meta["format_version"])):
+            return None
     except (ShardError, OSError):
         return None
     return _record_for(path, meta, path.name)
+
+
+def _ids(ds: h5py.Dataset) -> list[str]:
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in ds[()]]
+
+
+def _chunk_subjects(f: h5py.File, name: str, k: int, step: int) -> str:
+    """Who owns chunk ``k`` of ``name`` (for the message naming a damaged chunk)."""
+    try:
+        if name == DS_T1:
+            return f"subject {_ids(f[DS_T1_SUBJECTS])[k]} T1"
+        ids, offsets = _ids(f[DS_RS_SUBJECTS]), f[DS_RS_OFFSETS][()]
+        lo, hi = k * step, (k + 1) * step
+        parts = []
+        for i, sid in enumerate(ids):
+            a, b = int(offsets[i]), int(offsets[i + 1])
+            if a < hi and b > lo:
+                parts.append(f"{sid} frames {max(a, lo) - a}..{min(b, hi) - a}")
+        return "subject " + ", ".join(parts) + " rsfMRI" if parts else "no subject"
+    except (OSError, KeyError, ValueError, IndexError):
+        return "subject unknown (the id tables are unreadable)"
+
+
+def chunk_problems(path: Path, version: int) -> list[str]:
+    """Every image chunk of one shard checked; one problem per damaged chunk, naming its subject.
+
+    v2 hashes each chunk's stored bytes against its digest (no decoding: memory speed); v1 reads
+    each chunk through HDF5, whose fletcher32 filter fails on damage.
+    """
+    problems: list[str] = []
+    try:
+        with h5py.File(path, "r") as f:
+            for name in (DS_T1, DS_RS_FRAMES):
+                if name not in f:
+                    continue
+                ds = f[name]
+                step = ds.chunks[0] if ds.chunks else 1
+                zeros = (0,) * (ds.ndim - 1)
+                digests = f[name + DIGEST_SUFFIX][()] if version >= 2 else None
+                if digests is not None and digests.size != _n_chunks(ds):
+                    problems.append(
+                        f"{path}: {name}: {digests.size} digests, {_n_chunks(ds)} chunks"
+                    )
+                    continue
+                for k in range(_n_chunks(ds)):
+                    try:
+                        if digests is not None:
+                            _, data = ds.id.read_direct_chunk((k * step, *zeros))
+                            bad = chunk_digest(data) != int(digests[k])
+                            how = "xxh3 mismatch"
+                        else:
+                            ds[k * step : (k + 1) * step]
+                            bad, how = False, ""
+                    except OSError as exc:
+                        bad, how = True, f"unreadable: {exc}"
+                        if "filter returned failure" in str(exc):
+                            how = "fletcher32 checksum failed"
+                    if bad:
+                        who = _chunk_subjects(f, name, k, step)
+                        problems.append(f"{path}: {CORRUPT} ({how} in {name} chunk {k}, {who})")
+    except (OSError, KeyError, ValueError) as exc:
+        problems.append(f"{path}: unreadable ({exc})")
+    return problems
 
 
 def build_index(
@@ -411,6 +554,8 @@ def build_index(
     preprocessing: dict[str, Any],
     compression: str,
     subjects_per_shard: int,
+    compressions: dict[str, str] | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> dict[str, Any]:
     """Index content: deterministic (no timestamps, no host names) so its hash is a fingerprint."""
     records = sorted(records, key=lambda r: r.shard)
@@ -418,10 +563,11 @@ def build_index(
     present = [m for m in MODALITIES if any(m in s["modalities"] for s in subjects)]
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "tool_version": __version__,
         "dtype": "float16",
         "compression": compression,
+        "compressions": compressions or resolve_compression(compression, present),
         "subjects_per_shard": subjects_per_shard,
         "frames_per_chunk": FRAMES_PER_CHUNK,
         "modalities": present,
@@ -448,6 +594,116 @@ def write_index(out_dir: Path, index: dict[str, Any]) -> None:
     )
 
 
+class _ChunkReader:
+    """v2 reads of one image dataset of one open shard: direct chunk read, digest, decode.
+
+    Every chunk read is checked against its stored xxh3-64 before it is decoded, so damaged
+    bytes never reach a decompressor. Uncompressed chunks are read straight into the caller's
+    array (one copy, as a raw ``pread`` makes); Blosc and gzip chunks are decoded here, straight
+    into the caller's array where a whole chunk is wanted; lzf (no decoder outside HDF5) is read
+    again through HDF5's filter after its stored bytes checked out.
+    """
+
+    def __init__(self, ds: h5py.Dataset, digests: np.ndarray, path: Path) -> None:
+        self.ds = ds
+        self.id = ds.id
+        self.digests = digests
+        self.path = path
+        self.step = int(ds.chunks[0])
+        self.frame_nbytes = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
+        self.chunk_nbytes = self.step * self.frame_nbytes
+        # Stored chunk upper bound: the decoded size (a filter that does not shrink a chunk
+        # is skipped by HDF5) plus a codec header.
+        self.raw_cap = self.chunk_nbytes + 4096
+        self.zeros = (0,) * (ds.ndim - 1)
+        filters = ds.id.get_create_plist().get_nfilters()
+        self.codec = _codec_of(ds) if filters else "none"
+        if self.codec == "blosc" and blosc.nthreads != 1:
+            # Loader workers are processes, one core each: decoder threads would oversubscribe.
+            blosc.set_nthreads(1)
+
+    def _raw(self, k: int, buf: np.ndarray, what: str) -> tuple[int, memoryview]:
+        try:
+            mask, data = self.id.read_direct_chunk((k * self.step, *self.zeros), out=buf)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ShardError(f"{self.path}: cannot read {self.ds.name} chunk {k} ({exc})") from exc
+        if k >= self.digests.size or chunk_digest(data) != int(self.digests[k]):
+            raise ShardCorruptError(
+                f"{self.path}: {CORRUPT} (xxh3 mismatch in {self.ds.name.lstrip('/')} "
+                f"chunk {k}, {what})"
+            )
+        return mask, data
+
+    def _decode(self, k: int, mask: int, data: memoryview, dest: np.ndarray, what: str) -> None:
+        """Decode verified chunk ``k`` into ``dest`` (uint8, exactly the chunk's decoded size)."""
+        if self.codec == "none" or mask != 0:  # stored unfiltered (HDF5 skipped the filter)
+            if data.nbytes != dest.nbytes:
+                raise ShardError(f"{self.path}: {self.ds.name} chunk {k}: {data.nbytes} bytes")
+            if dest.ctypes.data != np.frombuffer(data, np.uint8).ctypes.data:
+                dest[:] = np.frombuffer(data, np.uint8)
+            return
+        if self.codec == "blosc":
+            n = int.from_bytes(data[4:8], "little")  # Blosc1 header: uncompressed size
+            if (
+                n != dest.nbytes
+                or data.nbytes < 16
+                or n != blosc.decompress_ptr(data, dest.ctypes.data)
+            ):
+                raise ShardError(f"{self.path}: {self.ds.name} chunk {k}: decodes to {n} bytes")
+        elif self.codec == "gzip":
+            dest[:] = np.frombuffer(zlib.decompress(data), np.uint8)
+        else:  # lzf: decoded by HDF5's filter, from the bytes just checked
+            tmp = np.empty((self.step, *self.ds.shape[1:]), self.ds.dtype)
+            sel = np.s_[k * self.step : min((k + 1) * self.step, self.ds.shape[0])]
+            self.ds.read_direct(tmp, sel, np.s_[: sel.stop - sel.start])
+            dest[:] = tmp.reshape(-1).view(np.uint8)
+
+    def read_chunk(self, k: int, dest: np.ndarray, scratch: np.ndarray, what: str) -> None:
+        """A whole chunk (T1: one volume) into ``dest`` (uint8 view of the caller's array)."""
+        buf = dest if self.codec == "none" else scratch
+        mask, data = self._raw(k, buf, what)
+        self._decode(k, mask, data, dest, what)
+
+    def read_rows(
+        self, first: int, out: np.ndarray, scratch: np.ndarray, subject: str, frame0: int
+    ) -> None:
+        """Rows [first, first + len(out)) into ``out``, chunk by chunk; row ``first`` is frame
+        ``frame0`` of ``subject`` (for the message naming a damaged chunk)."""
+        n = out.shape[0]
+        flat = out.reshape(-1).view(np.uint8)
+        raw = scratch[: self.raw_cap]
+        decoded = scratch[self.raw_cap : self.raw_cap + self.chunk_nbytes]
+        for k in range(first // self.step, (first + n - 1) // self.step + 1):
+            lo, hi = max(first, k * self.step), min(first + n, (k + 1) * self.step)
+            what = f"subject {subject} rsfMRI frames {frame0 + lo - first}..{frame0 + hi - first}"
+            whole = lo == k * self.step and hi == (k + 1) * self.step
+            dest = flat[(lo - first) * self.frame_nbytes : (hi - first) * self.frame_nbytes]
+            if whole and self.codec == "none":
+                mask, data = self._raw(k, dest, what)  # straight into the caller's array
+                self._decode(k, mask, data, dest, what)
+                continue
+            mask, data = self._raw(k, raw, what)
+            if whole:
+                self._decode(k, mask, data, dest, what)
+                continue
+            self._decode(k, mask, data, decoded, what)
+            a = (lo - k * self.step) * self.frame_nbytes
+            dest[:] = decoded[a : a + dest.nbytes]
+
+
+def _codec_of(ds: h5py.Dataset) -> str:
+    """The decoder a v2 chunk needs, from the dataset's filter pipeline."""
+    plist = ds.id.get_create_plist()
+    ids = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+    if 32001 in ids:
+        return "blosc"
+    if h5py.h5z.FILTER_DEFLATE in ids:
+        return "gzip"
+    if 32000 in ids:
+        return "lzf"
+    raise ShardError(f"{ds.file.filename}: {ds.name} has an unknown filter pipeline {sorted(ids)}")
+
+
 class ShardDataset:
     """Reader over a shard directory. Files open lazily in the process that reads them.
 
@@ -469,16 +725,19 @@ class ShardDataset:
             raise ShardError(f"{index_path}: invalid JSON ({exc})") from exc
         if self._index.get("format") != FORMAT_NAME:
             raise ShardError(f"{index_path}: not an {FORMAT_NAME} index")
-        if self._index.get("format_version") != FORMAT_VERSION:
+        if self._index.get("format_version") not in READ_VERSIONS:
             raise ShardError(
                 f"{index_path}: format version {self._index.get('format_version')} "
-                f"(this reader reads {FORMAT_VERSION})"
+                f"(this reader reads {', '.join(map(str, READ_VERSIONS))})"
             )
+        self.format_version = int(self._index["format_version"])
         self._fingerprint = hashlib.sha256(raw).hexdigest()
         self._by_id = {s["id"]: s for s in self._index["subjects"]}
         self._shard_files = {s["shard"]: s["file"] for s in self._index["shards"]}
         self._pid = os.getpid()
         self._files: dict[int, h5py.File] = {}
+        self._chunked: dict[tuple[int, str], _ChunkReader] = {}
+        self._scratch: dict[str, np.ndarray] = {}  # one decode buffer per dataset name
 
     # -- metadata -------------------------------------------------------------------------
     @property
@@ -537,11 +796,16 @@ class ShardDataset:
             raise KeyError(f"{self.path}: subject {subject!r} has no {modality}") from None
 
     # -- data -----------------------------------------------------------------------------
-    def _file(self, shard: int) -> h5py.File:
+    def _own_handles(self) -> None:
         pid = os.getpid()
         if pid != self._pid:  # forked: the inherited handles belong to the parent
             self._files = {}
+            self._chunked = {}
+            self._scratch = {}
             self._pid = pid
+
+    def _file(self, shard: int) -> h5py.File:
+        self._own_handles()
         f = self._files.get(shard)
         if f is None:
             path = self.path / self._shard_files[shard]
@@ -552,8 +816,13 @@ class ShardDataset:
             self._files[shard] = f
         return f
 
-    def _read(self, shard: int, name: str, sel: Any, shape: tuple[int, ...]) -> np.ndarray:
-        """Read ``sel`` straight into a new float16 array (fletcher32 verified by HDF5)."""
+    def _shard_path(self, shard: int) -> Path:
+        return self.path / self._shard_files[shard]
+
+    def _read_v1(
+        self, shard: int, name: str, sel: Any, shape: tuple[int, ...], what: str
+    ) -> np.ndarray:
+        """v1: read ``sel`` straight into a new float16 array (fletcher32 verified by HDF5)."""
         try:
             out = np.empty(shape, dtype=DTYPE)
             self._file(shard)[name].read_direct(out, sel)
@@ -561,17 +830,47 @@ class ShardDataset:
         except ShardError:
             raise
         except (OSError, KeyError, ValueError) as exc:
-            path = self.path / self._shard_files[shard]
+            path = self._shard_path(shard)
             if "filter returned failure" in str(exc):  # fletcher32: the chunk's bytes changed
-                raise ShardError(f"{path}: {CORRUPT} (checksum failed reading {name})") from exc
+                raise ShardCorruptError(
+                    f"{path}: {CORRUPT} (fletcher32 checksum failed reading {what})"
+                ) from exc
             raise ShardError(f"{path}: cannot read {name} ({exc})") from exc
+
+    def _reader(self, shard: int, name: str) -> _ChunkReader:
+        self._own_handles()
+        key = (shard, name)
+        r = self._chunked.get(key)
+        if r is None:
+            f = self._file(shard)
+            try:
+                r = _ChunkReader(f[name], f[name + DIGEST_SUFFIX][()], self._shard_path(shard))
+            except KeyError as exc:
+                raise ShardError(f"{self._shard_path(shard)}: cannot read {name} ({exc})") from exc
+            self._chunked[key] = r
+        return r
+
+    def _scratch_for(self, name: str, nbytes: int) -> np.ndarray:
+        buf = self._scratch.get(name)
+        if buf is None or buf.nbytes < nbytes:
+            buf = np.empty(nbytes, dtype=np.uint8)
+            self._scratch[name] = buf
+        return buf
 
     def read(self, subject: str, modality: str) -> np.ndarray:
         """Whole stored image: T1 (D,H,W); rsfMRI (D,H,W,T), float16."""
         rec = self._modality_entry(subject, modality)
         shard = self._entry(subject)["shard"]
         if modality == "T1":
-            return self._read(shard, DS_T1, np.s_[rec["row"]], self.shape("T1"))
+            row = int(rec["row"])
+            what = f"subject {subject} T1 (chunk {row})"
+            if self.format_version == 1:
+                return self._read_v1(shard, DS_T1, np.s_[row], self.shape("T1"), what)
+            out = np.empty(self.shape("T1"), dtype=DTYPE)
+            r = self._reader(shard, DS_T1)
+            scratch = self._scratch_for(DS_T1, r.raw_cap)
+            r.read_chunk(row, out.reshape(-1).view(np.uint8), scratch, f"subject {subject} T1")
+            return out
         if modality == "rsfMRI":
             return self.read_window(subject, modality, 0, rec["frames"])
         raise KeyError(f"unknown modality {modality!r}")
@@ -586,17 +885,26 @@ class ShardDataset:
                 f"{subject}: window [{start}, {start + length}) outside 0..{rec['frames']} frames"
             )
         off = rec["offset"] + start
-        frames_tdhw = self._read(
-            self._entry(subject)["shard"],
-            DS_RS_FRAMES,
-            np.s_[off : off + length],
-            (length, *self.shape("rsfMRI")),
-        )
-        return np.moveaxis(frames_tdhw, 0, -1)
+        shard = self._entry(subject)["shard"]
+        shape = (length, *self.shape("rsfMRI"))
+        if self.format_version == 1:
+            first, last = off // FRAMES_PER_CHUNK, (off + length - 1) // FRAMES_PER_CHUNK
+            what = f"subject {subject} rsfMRI frames {start}..{start + length} (chunks {first}..{last})"
+            out = self._read_v1(shard, DS_RS_FRAMES, np.s_[off : off + length], shape, what)
+        else:
+            out = np.empty(shape, dtype=DTYPE)
+            r = self._reader(shard, DS_RS_FRAMES)
+            scratch = self._scratch_for(DS_RS_FRAMES, r.raw_cap + r.chunk_nbytes)
+            r.read_rows(off, out, scratch, subject, start)
+        return np.moveaxis(out, 0, -1)
 
     # -- integrity ------------------------------------------------------------------------
     def check(self) -> None:
         """Cheap start-of-training check: every shard exists with its recorded size and stamp."""
+        if (self.path / UPGRADE_DIR / INDEX_NAME).is_file():
+            raise ShardError(
+                f"{self.path}: an interrupted `umbrella-pack upgrade`; rerun it to finish"
+            )
         for rec in self._index["shards"]:
             path = self.path / rec["file"]
             if not path.is_file():
@@ -612,10 +920,13 @@ class ShardDataset:
             for f in self._files.values():
                 f.close()
         self._files = {}
+        self._chunked = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_files"] = {}
+        state["_chunked"] = {}
+        state["_scratch"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -660,6 +971,8 @@ def verify(path: str | os.PathLike[str]) -> list[str]:
             problems.append(f"{spath}: size {spath.stat().st_size} != {rec['bytes']} in index")
         if sha256_file(spath) != rec["sha256"]:
             problems.append(f"{spath}: {CORRUPT} (sha256 mismatch)")
+            # Localise the damage: which chunk, whose data (none: metadata or padding changed).
+            problems.extend(chunk_problems(spath, ds.format_version))
             continue
         problems.extend(_verify_contents(spath, idx, by_shard.get(rec["shard"], [])))
     known = {r["shard"] for r in idx["shards"]}
@@ -734,6 +1047,8 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "shapes": {m: list(ds.shape(m)) for m in ds.modalities},
         "dtype": idx["dtype"],
         "compression": idx["compression"],
+        "compressions": idx.get("compressions") or resolve_compression(idx["compression"], []),
+        "format_version": ds.format_version,
         "shards": len(idx["shards"]),
         "bytes_on_disk": disk,
         "bytes_uncompressed": raw,
@@ -741,3 +1056,100 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
         "rejections": idx["num_rejections"],
         "fingerprint": ds.fingerprint,
     }
+
+
+def upgrade(path: str | os.PathLike[str], compression: str | None = None) -> dict[str, Any]:
+    """Convert a dataset to the current format (v1 -> v2), optionally recompressing.
+
+    Atomic at the index: the complete new dataset (every shard and its index) is written and
+    fsynced under ``DIR/.upgrade`` first; only then are the shards moved over the old ones and
+    the index last. A crash before the new index exists leaves the old dataset untouched (the
+    next run starts over); a crash after it leaves a roll-forward that the next run finishes
+    (``check()`` refuses to train meanwhile). Every old chunk is checked (sha256 of each shard
+    against the index, the chunk checksums while reading), so damage is never carried over.
+    """
+    root = Path(path)
+    stage = root / UPGRADE_DIR
+    if (stage / INDEX_NAME).is_file():
+        moved = _roll_forward(root, stage)
+        return {"path": str(root), "shards": moved, "resumed": True}
+    ds = open_dataset(root)
+    idx = ds.index
+    present = list(idx["modalities"])
+    if compression is not None:
+        try:
+            target = resolve_compression(compression, present)
+        except ValueError as exc:
+            raise ShardError(f"{root}: {exc}") from exc
+    else:
+        target = dict(idx.get("compressions") or resolve_compression(idx["compression"], present))
+    if ds.format_version == FORMAT_VERSION and target == idx.get("compressions"):
+        return {"path": str(root), "shards": 0, "resumed": False}
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    records = []
+    for rec in idx["shards"]:
+        spath = root / rec["file"]
+        if not spath.is_file():
+            raise ShardError(f"{spath}: shard missing; restore it before upgrading")
+        if sha256_file(spath) != rec["sha256"]:
+            raise ShardCorruptError(f"{spath}: {CORRUPT} (sha256 mismatch); nothing upgraded")
+        records.append(_upgrade_shard(ds, spath, stage, target, compression or idx["compression"]))
+    new_index = build_index(
+        records,
+        shapes={m: tuple(idx["shapes"][m]) for m in present},
+        preprocessing=idx["preprocessing"],
+        compression=compression or idx["compression"],
+        subjects_per_shard=int(idx["subjects_per_shard"]),
+        compressions=target,
+    )
+    ds.close()
+    write_index(stage, new_index)  # the commit point
+    moved = _roll_forward(root, stage)
+    return {"path": str(root), "shards": moved, "resumed": False}
+
+
+def _upgrade_shard(
+    ds: ShardDataset, spath: Path, stage: Path, target: dict, label: str
+) -> ShardRecord:
+    """One shard rewritten subject by subject (a series at a time in memory, never a shard).
+
+    The shard's compression is recorded under its option name (``label``) when that is what it
+    means, so an upgraded shard is byte-identical to one packed directly with that option.
+    """
+    meta = read_shard_meta(spath)
+    shapes = {m: tuple(v) for m, v in meta["shapes"].items()}
+    comp: str | dict[str, str] = {m: target.get(m, DEFAULT_COMPRESSION[m]) for m in shapes}
+    if label in ("auto", *COMPRESSIONS) and resolve_compression(label, shapes) == comp:
+        comp = label
+    writer = ShardWriter(
+        stage, int(meta["shard"]), shapes, comp, meta["preprocessing"], meta["job"]
+    )
+    try:
+        for entry in meta["subjects"]:
+            volumes = {}
+            for m in entry["modalities"]:
+                arr = ds.read(entry["id"], m)  # checked: fletcher32 (v1) or xxh3 (v2)
+                volumes[m] = np.ascontiguousarray(np.moveaxis(arr, -1, 0)) if m == "rsfMRI" else arr
+            writer.add_subject(
+                entry["id"], entry["position"], entry["phenotypes"], volumes, entry["modalities"]
+            )
+        for r in meta["rejections"]:
+            writer.add_rejection(r["subject_id"], r["modality"], r["path"], r["reason"])
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _roll_forward(root: Path, stage: Path) -> int:
+    """Move the staged shards over the old ones, then the staged index; drop the stage."""
+    moved = 0
+    for p in sorted(stage.glob("shard-*.h5")):
+        os.replace(p, root / p.name)
+        moved += 1
+    _fsync_dir(root)
+    os.replace(stage / INDEX_NAME, root / INDEX_NAME)
+    _fsync_dir(root)
+    shutil.rmtree(stage, ignore_errors=True)
+    return moved
