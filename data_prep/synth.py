@@ -62,9 +62,8 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], lead: int = 
 def phantom(
     s: Subject, shape: tuple[int, int, int], rng: np.random.Generator, frames: int = 0
 ) -> np.ndarray:
-    """Head phantom in RAS order: (X,Y,Z) T1-like, or (T,X,Y,Z) BOLD-like when frames > 0.
-
-    Background outside the head is exactly 0 (rsfMRI statistics exclude it).
+    """Head phantom in RAS order: (X,Y,Z) T1-like, or (T,X,Y,Z) BOLD-like (``bold``) when
+    frames > 0. Background outside the head (rsfMRI: the brain) is exactly 0.
     """
     x, y, z = _grid(shape)
     r_head = np.sqrt((x / 0.9) ** 2 + (y / 0.92) ** 2 + (z / 0.88) ** 2)
@@ -88,11 +87,69 @@ def phantom(
     if frames == 0:
         vol = 100.0 * (base + sigma * _smooth_noise(rng, shape)[0] + 3 * sigma * blob * brain)
         return np.where(head, np.maximum(vol, 1.0), 0.0).astype(np.float32)
-    noise = _smooth_noise(rng, shape, lead=frames)
-    t = np.arange(frames, dtype=np.float32)[:, None, None, None]
-    drift = 0.02 * np.sin(2 * np.pi * t / max(frames, 2) + rng.uniform(0, 2 * np.pi))
-    vol = 1000.0 * (base + sigma * noise + 3 * sigma * blob * brain + drift * brain)
-    return np.where(head, np.maximum(vol, 1.0), 0.0).astype(np.float32)
+    return bold(s, shape, rng, frames)
+
+
+# Fraction of the box inside the rsfMRI brain mask (documented in docs/FORMAT.md, tested):
+# skull-stripped, MNI-registered rsfMRI such as SwiFT's 96^3 inputs is brain inside a constant
+# background, and the background is what compresses.
+BRAIN_FRACTION = 1 / 3
+BRAIN_RADII = (0.78, 0.95, 0.86)  # x (left-right), y (anterior), z (superior), box = [-1, 1]^3
+
+
+def brain_mask(shape: tuple[int, int, int]) -> np.ndarray:
+    """Brain-shaped mask: an ellipsoid (pi/6 * 0.78 * 0.95 * 0.86 = 1/3 of the box) with a
+    bumpy surface (a fixed smooth field of +-4% of the radius, the same for every subject, as
+    after registration to a template) and a midline fissure above the ventricles."""
+    x, y, z = _grid(shape)
+    a, b, c = BRAIN_RADII
+    r = np.sqrt((x / a) ** 2 + (y / b) ** 2 + (z / c) ** 2)
+    bumps = 0.04 * _smooth_noise(np.random.default_rng(20240), shape)[0]
+    mask = r <= 1.0 + bumps
+    fissure = (np.abs(x) < 1.0 / shape[0]) & (z > 0.45)
+    return mask & ~fissure
+
+
+def bold(
+    s: Subject, shape: tuple[int, int, int], rng: np.random.Generator, frames: int
+) -> np.ndarray:
+    """BOLD-like series (T,X,Y,Z) in RAS order: background exactly 0 outside ``brain_mask``.
+
+    Inside, per voxel: a tissue baseline (a smooth map of sigma 0.05, and the ventricles),
+    the subject's sex blob (3x sigma, as in T1), slow network fluctuations (three smooth
+    spatial maps with smooth random time courses, 2%), per-frame smooth physiological noise
+    (2%), and white thermal noise (sigma 0.05, independent per voxel and frame), as real
+    rsfMRI has; the white noise is what makes the brain voxels hard to compress.
+    """
+    x, y, z = _grid(shape)
+    mask = brain_mask(shape)
+    vent_scale = 1.0 + 0.15 * (s.age - 120) / 12
+    r_vent = np.sqrt(
+        ((np.abs(x) - 0.12) / (0.08 * vent_scale)) ** 2 + (y / 0.25) ** 2 + ((z - 0.1) / 0.12) ** 2
+    )
+    side = -0.4 if s.sex == 1 else 0.4  # male: left hemisphere (x < 0 in RAS)
+    blob = np.exp(-((x - side) ** 2 + (y - 0.1) ** 2 + (z - 0.25) ** 2) / (2 * 0.12**2))
+    sigma = 0.05
+    base = 1.0 + sigma * _smooth_noise(rng, shape)[0] + 3 * sigma * blob
+    base[r_vent <= 1.0] = 0.3
+    maps = _smooth_noise(rng, shape, lead=3)  # (3, X, Y, Z)
+    steps = max(2, frames // 8 + 2)
+    courses = F.interpolate(
+        torch.from_numpy(rng.standard_normal((1, 3, steps)).astype(np.float32)),
+        size=frames,
+        mode="linear",
+        align_corners=True,
+    )[0].numpy()  # (3, T): smooth over ~8 frames
+    series = np.empty((frames, *shape), np.float32)
+    for t in range(frames):
+        fluct = np.tensordot(courses[:, t], maps, axes=1) * (0.02 / np.sqrt(3))
+        series[t] = base + fluct
+    series += 0.02 * _smooth_noise(rng, shape, lead=frames)
+    series += sigma * rng.standard_normal(series.shape, dtype=np.float32)
+    series *= 1000.0
+    np.maximum(series, 1.0, out=series)
+    series[:, ~mask] = 0.0
+    return series
 
 
 def _affine(shape: tuple[int, ...], voxel: float, las: bool) -> np.ndarray:

@@ -165,3 +165,26 @@ def test_cli_is_deterministic(tmp_path: Path) -> None:
     key = (tmp_path / "a" / "phenotypes.csv").read_text().splitlines()[1].split(",")[0]
     a = read_nifti(tmp_path / "a" / "t1" / f"{key}.nii.gz", 3).data
     np.testing.assert_array_equal(a, read_nifti(tmp_path / "b" / "t1" / f"{key}.nii.gz", 3).data)
+
+
+def test_rsfmri_is_brain_in_a_constant_background(tmp_path: Path) -> None:
+    """Realistic rsfMRI: a brain mask of the documented fraction (1/3 of the box), the same in
+    every frame; background exactly 0 (constant after normalisation); noisy inside."""
+    from data_prep.preprocess import make_params, rsfmri_from_source
+    from data_prep.readers import read_rsfmri
+    from data_prep.synth import BRAIN_FRACTION, brain_mask
+
+    synth(tmp_path, 2, seed=3, t1_shape=(16, 16, 16), frames=6, rsfmri_shape=(32, 32, 32))
+    key = (tmp_path / "phenotypes.csv").read_text().splitlines()[1].split(",")[0]
+    series = read_frame_folder(tmp_path / "rsfmri_frames" / "img" / key).data  # (T, X, Y, Z)
+    inside = series != 0
+    assert (inside == inside[0]).all()  # one mask for the whole series
+    assert abs(inside[0].mean() - BRAIN_FRACTION) < 0.02, inside[0].mean()
+    np.testing.assert_array_equal(inside[0], brain_mask((32, 32, 32)))
+    assert abs(brain_mask((96, 96, 96)).mean() - BRAIN_FRACTION) < 0.01
+    brain = series[:, inside[0]]
+    assert brain.std(axis=0).mean() > 0.02 * brain.mean()  # voxels fluctuate over time
+    params = make_params(None, (32, 32, 32), "zscore", "znorm_minback")
+    out, _ = rsfmri_from_source(read_rsfmri(tmp_path / "rsfmri_frames" / "img" / key), params)
+    background = out[0][~inside[0]]  # (T, D, H, W) after normalisation
+    assert background.size and (background == background.flat[0]).all()
