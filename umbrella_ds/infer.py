@@ -143,6 +143,7 @@ def infer(
 
     from umbrella_ds.config import config_from_dict
     from umbrella_ds.data import InstructionDataset, Renderer, collate_eval
+    from umbrella_ds.data.template import template_of
     from umbrella_ds.model import greedy_generate, image_token_id
     from umbrella_ds.train.eval_cli import cast_parameters
     from umbrella_ds.train.export import EXPORT_INFO, BaseMismatchError, load_trained
@@ -163,7 +164,10 @@ def infer(
         raise InferError(str(exc)) from exc
     cast_parameters(model, cfg.train.bf16)  # the dtype evaluation ran in
     tokens = {m: int(n) for m, n in info["tokens_per_image"].items()}
-    renderer = Renderer(tokenizer, tokens, cfg.data.max_length, cfg.data.overflow)
+    template = template_of(model)  # the base model's, as training rendered with
+    renderer = Renderer(
+        tokenizer, tokens, cfg.data.max_length, cfg.data.overflow, template=template
+    )
     rs = info["modalities"].get("rsfMRI")
     ds = InstructionDataset(
         [build_task(prompt, scans)],
@@ -183,7 +187,7 @@ def infer(
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos_id = template.eos_id(tokenizer)
     n_new = max_new_tokens or cfg.eval.max_new_tokens
     answers = []
     with torch.no_grad():

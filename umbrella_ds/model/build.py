@@ -32,6 +32,7 @@ from transformers.integrations.deepspeed import (
     prevent_arange_dtype_change,
 )
 
+from umbrella_ds.data.template import select_template
 from umbrella_ds.model.llava import (
     enable_activation_checkpointing,
     freeze_all_but_patch_embed,
@@ -119,6 +120,14 @@ def build_model(
             tokenizer = _load_tokenizer(path)
         else:
             log.warning("%s has no tokenizer files: returning tokenizer=None", path)
+    # The base model's conversation template, checked against its tokenizer and config at build
+    # time and recorded on the config, so render, evaluate and infer ask the same one (template_of).
+    template = select_template(
+        preset.chat_template if kind == "preset" else None, config=config, tokenizer=tokenizer
+    )
+    if tokenizer is not None:
+        template.check_model(config, tokenizer)
+    config.umbrella_chat_template = template.name
     mods = parse_modalities(modalities if modalities is not None else default_mods)
     config._attn_implementation = attn_implementation  # read by from_pretrained/_from_config
 

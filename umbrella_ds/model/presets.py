@@ -1,7 +1,8 @@
 """Preset registry: named model architectures shipped as `presets/<name>.json` package data.
 
-A preset holds the LlavaConfig values (vision + text tower), the default MRI modalities, an
-optional tokenizer folder shipped beside it (only the random-init `tiny`/`small` presets; real
+A preset holds the LlavaConfig values (vision + text tower), the default MRI modalities, the
+base model's conversation template (`chat_template`: chatml | llava15, see data/template.py), an
+optional tokenizer folder shipped beside it (only the random-init `tiny*`/`small` presets; real
 architectures load their tokenizer with their weights from a local directory), and the
 published total parameter count that a test checks the config against.
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 from transformers import LlavaConfig
 
+from umbrella_ds.data.template import get_template
 from umbrella_ds.model.patch_embed import ModalitySpec, parse_modalities
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -22,6 +24,7 @@ TINY_TOKENIZER_DIR = PRESETS_DIR / "tiny-tokenizer"
 _KEYS = {
     "description",
     "tokenizer",
+    "chat_template",
     "published_parameters",
     "published_source",
     "modalities",
@@ -37,6 +40,7 @@ class Preset:
     modalities: dict[str, ModalitySpec]
     tokenizer_dir: Path | None
     published_parameters: int | None
+    chat_template: str = "chatml"
     published_source: str = ""
     path: Path = field(default=PRESETS_DIR)
 
@@ -57,9 +61,10 @@ def get_preset(name: str) -> Preset:
         )
     raw = json.loads(path.read_text())
     unknown = set(raw) - _KEYS
-    missing = {"llava_config", "modalities"} - set(raw)
+    missing = {"llava_config", "modalities", "chat_template"} - set(raw)
     if unknown or missing:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+    template = get_template(raw["chat_template"], f"{path}: chat_template").name
     tok = raw.get("tokenizer")
     tok_dir = PRESETS_DIR / tok if tok else None
     if tok_dir is not None and not (tok_dir / "tokenizer.json").is_file():
@@ -72,5 +77,6 @@ def get_preset(name: str) -> Preset:
         tokenizer_dir=tok_dir,
         published_parameters=raw.get("published_parameters"),
         published_source=raw.get("published_source", ""),
+        chat_template=template,
         path=path,
     )

@@ -27,12 +27,12 @@ import torch
 import torch.distributed as dist
 
 from umbrella_ds.config import EvalConfig
+from umbrella_ds.data.template import ChatTemplate, select_template
 from umbrella_ds.model import greedy_generate, model_forward_loss
 from umbrella_ds.train.inputs import Inputs, to_device
 from umbrella_ds.train.metrics import class_vocabulary, is_regression, score, target_label
 
 log = logging.getLogger(__name__)
-ASSISTANT_HEADER = "<|im_start|>assistant\n"
 
 
 def task_name(item_or_task: Any) -> str:
@@ -41,16 +41,16 @@ def task_name(item_or_task: Any) -> str:
     return str((meta or {}).get("task") or ttype)
 
 
-def answer_first_token(tokenizer, answer: str) -> int:
-    """The first token of ``answer`` as the renderer tokenizes an assistant turn holding it."""
-    header = tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
-    ids = tokenizer.encode(f"{ASSISTANT_HEADER}{answer}<|im_end|>\n", add_special_tokens=False)
-    if ids[: len(header)] != header or len(ids) <= len(header):
-        raise ValueError(f"cannot find the first answer token of {answer!r}")
-    return int(ids[len(header)])
+def answer_first_token(tokenizer, answer: str, template: ChatTemplate | None = None) -> int:
+    """The first token of ``answer`` as the renderer tokenizes an assistant turn holding it, in
+    the base model's template (None: derived from the tokenizer, as the Renderer does)."""
+    template = template or select_template(tokenizer=tokenizer)
+    return template.answer_ids(tokenizer, answer)[0]
 
 
-def class_first_tokens(tokenizer, targets: list[str]) -> dict[str, int] | None:
+def class_first_tokens(
+    tokenizer, targets: list[str], template: ChatTemplate | None = None
+) -> dict[str, int] | None:
     """class -> first answer token id, for a classification task's targets; None when the task
     is regression or two classes begin with the same token (no per-class score then)."""
     if is_regression(targets):
@@ -58,7 +58,7 @@ def class_first_tokens(tokenizer, targets: list[str]) -> dict[str, int] | None:
     classes = class_vocabulary(targets)
     votes: dict[str, Counter] = defaultdict(Counter)
     for t in targets:
-        votes[target_label(t, classes)][answer_first_token(tokenizer, t.strip())] += 1
+        votes[target_label(t, classes)][answer_first_token(tokenizer, t.strip(), template)] += 1
     tokens = {c: votes[c].most_common(1)[0][0] for c in classes if votes[c]}
     if len(tokens) != len(classes) or len(set(tokens.values())) != len(tokens):
         log.warning("classes %s share a first answer token: no AUROC", classes)
@@ -128,7 +128,9 @@ def evaluate_set(
     for i in range(n):
         by_task[task_name(ds.tasks[ds._items[i][0]])].append(i)
     first_tokens = {
-        task: class_first_tokens(tokenizer, [ds.tasks[ds._items[i][0]].turns[-1].text for i in idx])
+        task: class_first_tokens(
+            tokenizer, [ds.tasks[ds._items[i][0]].turns[-1].text for i in idx], inputs.template
+        )
         for task, idx in by_task.items()
     }
     was_training = model.training

@@ -27,6 +27,7 @@ from umbrella_ds.data import (
     load_instructions,
     resolve_subjects,
 )
+from umbrella_ds.data.template import ChatTemplate, template_of
 from umbrella_ds.model import image_token_id, num_image_tokens
 from umbrella_ds.shards import open_dataset
 from umbrella_ds.train.leakage import check_no_overlap
@@ -42,7 +43,8 @@ class Inputs:
     collate_eval: Any
     data_fingerprint: str
     pad_id: int
-    eos_id: int
+    eos_id: int  # the template's stop id: greedy generation ends on it
+    template: ChatTemplate  # the base model's conversation template (evaluation scores with it)
 
 
 def build_inputs(data: DataConfig, model_cfg: ModelConfig, model, tokenizer, seed: int) -> Inputs:
@@ -52,7 +54,8 @@ def build_inputs(data: DataConfig, model_cfg: ModelConfig, model, tokenizer, see
     shards.check()
     mods = list(model_cfg.modalities)
     tokens = {m: num_image_tokens(model, m) for m in mods}
-    renderer = Renderer(tokenizer, tokens, data.max_length, data.overflow)
+    template = template_of(model)
+    renderer = Renderer(tokenizer, tokens, data.max_length, data.overflow, template=template)
     rsfmri = model_cfg.modalities.get("rsfMRI")
     rsfmri_length = rsfmri.size[3] if rsfmri else 1
     available = set(shards.subjects)
@@ -93,7 +96,7 @@ def build_inputs(data: DataConfig, model_cfg: ModelConfig, model, tokenizer, see
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos_id = template.eos_id(tokenizer)
     kw = {
         "pad_id": int(pad_id),
         "image_token_id": image_token_id(model),
@@ -107,6 +110,7 @@ def build_inputs(data: DataConfig, model_cfg: ModelConfig, model, tokenizer, see
         data_fingerprint=data_fingerprint(shards.fingerprint, data.train + data.eval),
         pad_id=int(pad_id),
         eos_id=int(eos_id),
+        template=template,
     )
 
 
