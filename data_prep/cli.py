@@ -1,4 +1,8 @@
-"""``umbrella-pack {build, verify, info, synth}``: argument parsing and exit statuses only."""
+"""``umbrella-pack {build, verify, info, synth, manifest}``: argument parsing and exit statuses only.
+
+A usage error (a flag, a manifest, a BIDS folder) is one ``error: ...`` line and exit status 2
+(umbrella_ds/errors.py); ``build`` adds 3 for a pack with rejections and 1 for a failed one.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,19 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from data_prep import pack
 from umbrella_ds import shards
+from umbrella_ds.errors import UsageError, add_debug_flag, run_main
+
+MANIFEST_HELP = """Write the manifest CSV of a BIDS dataset, ready for `build --manifest`.
+
+One row per subject: subject_id (sub-<label> -> <label>), T1 (anat/*_T1w), rsfMRI
+(func/*_task-<task>_*bold), then the columns of participants.tsv. Several sessions: the first in
+sorted order, or --session. Several runs: run-1, else the lowest. Subjects lacking a modality are
+listed with the reason in <out stem>.missing.csv. Exit status 0, or 2 on a usage error."""
 
 
 def _triple(name: str) -> dict:
@@ -59,7 +72,12 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="shards round-robin over MPI ranks (start with mpirun; one process per rank, --workers ignored)",
     )
-    b.add_argument("--compression", choices=shards.COMPRESSIONS, default="none", help="HDF5 filter")
+    b.add_argument(
+        "--compression",
+        choices=("auto", *shards.COMPRESSIONS),
+        default="auto",
+        help=f"HDF5 filter; auto = per modality {shards.DEFAULT_COMPRESSION} (docs/BENCHMARKS.md)",
+    )
     b.add_argument(
         "--resume",
         action="store_true",
@@ -75,6 +93,17 @@ def make_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="re-hash every shard, check shapes and index consistency")
     v.add_argument("dir", type=Path)
+
+    u = sub.add_parser(
+        "upgrade",
+        help="convert a dataset to the current shard format (v1 -> v2), atomically",
+        description="Rewrites every shard under DIR/.upgrade, then moves them and the index "
+        "into place; an interrupted upgrade is finished by running it again.",
+    )
+    u.add_argument("dir", type=Path)
+    u.add_argument(
+        "--compression", choices=("auto", *shards.COMPRESSIONS), default=None, help="recompress"
+    )
 
     i = sub.add_parser("info", help="subjects, modalities, shapes, dtype, bytes, compression ratio")
     i.add_argument("dir", type=Path)
@@ -103,6 +132,36 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--rsfmri-shape", **_triple("rsfmri_shape"), default=(24, 28, 24), help="rsfMRI grid"
     )
+
+    m = sub.add_parser(
+        "manifest",
+        help="write the manifest CSV of a BIDS dataset (one T1w and one rest BOLD per subject)",
+        description=MANIFEST_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("--bids", type=Path, required=True, metavar="DIR", help="BIDS dataset root")
+    m.add_argument(
+        "--derivatives",
+        default=None,
+        metavar="NAME",
+        help="read images from DIR/derivatives/NAME (e.g. fmriprep) instead of the raw dataset",
+    )
+    m.add_argument(
+        "--session",
+        default=None,
+        metavar="LABEL",
+        help="use this session (ses-LABEL) for every subject; default: the first in sorted order",
+    )
+    m.add_argument("--task", default="rest", help="the resting-state task label (task-LABEL)")
+    m.add_argument(
+        "--space",
+        default=None,
+        metavar="LABEL",
+        help="with --derivatives: the space-LABEL to take when images exist in several",
+    )
+    m.add_argument("--out", type=Path, required=True, help="manifest CSV to write")
+    for parser in (p, *sub.choices.values()):
+        add_debug_flag(parser)
     return p
 
 
@@ -137,13 +196,22 @@ def _verify(a: argparse.Namespace) -> int:
     return 0
 
 
+def _upgrade(a: argparse.Namespace) -> int:
+    done = shards.upgrade(a.dir, a.compression)
+    if done["shards"] == 0:
+        print(f"upgrade: {a.dir} is already format v{shards.FORMAT_VERSION}; nothing to do")
+    else:
+        print(f"upgrade: {done['shards']} shard(s) of {a.dir} now format v{shards.FORMAT_VERSION}")
+    return 0
+
+
 def _info(a: argparse.Namespace) -> int:
     summary = shards.info(a.dir)
     if a.preview is not None:
         from data_prep.preview import draw_preview
 
         if a.preview_subjects < 1:
-            raise pack.UsageError(f"--preview-subjects must be >= 1, got {a.preview_subjects}")
+            raise UsageError(f"--preview-subjects: must be >= 1, got {a.preview_subjects}")
         drawn = draw_preview(a.dir, a.preview, subjects=a.preview_subjects, seed=a.preview_seed)
         summary["preview"] = drawn
         if not a.json:
@@ -174,6 +242,29 @@ def _info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _manifest(a: argparse.Namespace) -> int:
+    from data_prep import bids
+
+    t0 = time.perf_counter()
+    found = bids.scan(
+        a.bids, derivatives=a.derivatives, session=a.session, task=a.task, space=a.space
+    )
+    missing = bids.write(found, a.out)
+    lacking = sorted({m["subject_id"] for m in found.missing})
+    for m in found.missing[:10]:
+        print(
+            f"umbrella-pack manifest: {m['subject_id']}: no {m['modality']}: {m['reason']}",
+            file=sys.stderr,
+        )
+    if len(found.missing) > 10:
+        print(f"umbrella-pack manifest: ... {len(found.missing) - 10} more", file=sys.stderr)
+    print(
+        f"manifest: {len(found.rows)} subjects -> {a.out} in {time.perf_counter() - t0:.1f} s; "
+        f"{len(lacking)} lacking a modality, listed in {missing}"
+    )
+    return 0
+
+
 def _synth(a: argparse.Namespace) -> int:
     from data_prep.synth import synth
 
@@ -184,22 +275,40 @@ def _synth(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = make_parser().parse_args(argv)
-    handlers = {"build": _build, "verify": _verify, "info": _info, "synth": _synth}
+    handlers = {
+        "build": _build,
+        "verify": _verify,
+        "upgrade": _upgrade,
+        "info": _info,
+        "synth": _synth,
+        "manifest": _manifest,
+    }
+    if args.command in ("verify", "info"):
+        _require_dataset(args.dir)
     try:
         return handlers[args.command](args)
-    except pack.UsageError as exc:
-        print(f"umbrella-pack {args.command}: usage error: {exc}", file=sys.stderr)
-        return pack.EXIT_USAGE
-    except shards.ShardError as exc:
+    except shards.ShardError as exc:  # a damaged or unwritable pack: a fault, not a usage error
         print(f"umbrella-pack {args.command}: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:
         if args.command == "synth":
-            print(f"umbrella-pack synth: usage error: {exc}", file=sys.stderr)
-            return pack.EXIT_USAGE
+            raise UsageError(str(exc)) from exc
         raise
+
+
+def _require_dataset(path: Path) -> None:
+    """``verify``/``info`` of a folder that holds no pack is the user's slip, not a damaged pack."""
+    if not (path / shards.INDEX_NAME).is_file():
+        raise UsageError(
+            f"{path}: no {shards.INDEX_NAME} (not a packed shard directory; "
+            "umbrella-pack build --out DIR writes one)"
+        )
 
 
 if __name__ == "__main__":

@@ -196,13 +196,13 @@ def test_infer_on_a_raw_nifti_answers_as_evaluation_on_the_packed_subject(
         )  # fmt: skip
 
     proc = infer_bad()
-    assert proc.returncode == 1 and "base model mismatch" in proc.stderr and "0" * 64 in proc.stderr
+    assert proc.returncode == 2 and "base model mismatch" in proc.stderr and "0" * 64 in proc.stderr
     # Preprocessing that does not fit the model's input grid is refused.
     info = json.loads((exported / "export.json").read_text())
     info["preprocessing"]["T1"]["size"] = [16, 16, 16]
     (bad / "export.json").write_text(json.dumps(info))
     proc = infer_bad()
-    assert proc.returncode == 1 and "preprocessing mismatch" in proc.stderr
+    assert proc.returncode == 2 and "preprocessing mismatch" in proc.stderr
 
 
 @pytest.mark.timeout(300)
@@ -217,7 +217,7 @@ def test_training_refuses_overlapping_subjects_naming_them(train_data, tmp_path)
     cmd = [sys.executable, "-m", "umbrella_ds.train", "--config", str(REPO / "configs" / "demo.yaml"),
            "--set", *sets]  # fmt: skip
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240, cwd=REPO)
-    assert proc.returncode == 1
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # a user error: one line
     subject = first["subject_ids"][0]
     assert "1 subject(s) are in both the training and the evaluation set" in proc.stderr
     assert subject in proc.stderr and "data.allow_overlap" in proc.stderr

@@ -65,4 +65,5 @@ def test_export_refuses_a_non_checkpoint(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 1 and "not a checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "not a checkpoint" in proc.stderr  # a user error
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr

@@ -97,4 +97,4 @@ def test_malformed_line_inside_the_file_is_an_error_naming_it(tmp_path: Path) ->
         text=True,
         timeout=60,
     )
-    assert r.returncode == 1 and "missing: no such run directory" in r.stderr
+    assert r.returncode == 2 and "missing: no such run directory" in r.stderr  # a user error

@@ -25,11 +25,13 @@ from typing import Any, Literal
 
 import yaml
 
+from umbrella_ds.errors import UserError
+
 DS_STAGES = ("zero1", "zero2", "zero3", "zero3_offload")
 
 
-class ConfigError(ValueError):
-    """A config value that cannot be used; the message names the dotted key."""
+class ConfigError(UserError, ValueError):
+    """A config value that cannot be used; the message names the dotted key (exit status 2)."""
 
 
 @dataclass
@@ -269,7 +271,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         unknown = sorted(set(value) - known)
         if unknown:
             keys = ", ".join(f"{key}.{u}" if key else u for u in unknown)
-            raise ConfigError(f"unknown config key(s): {keys} (known: {', '.join(sorted(known))})")
+            raise ConfigError(f"{keys}: unknown config key(s) (known: {', '.join(sorted(known))})")
         kwargs = {k: _convert(hints[k], v, f"{key}.{k}" if key else k) for k, v in value.items()}
         try:
             return tp(**kwargs)

@@ -9,13 +9,17 @@ goes through ``data_prep.preprocess`` with those parameters, which is the packin
 then through the evaluation path: the same instruction parser, renderer, dataset item, collate
 and greedy decoding (no sampling), with an in-memory reader in place of the shards.
 
-Images come first in the user turn, in the order given, then the prompt (the layout of the
-synthetic and predecessor instruction files). rsfMRI is windowed as evaluation windows it (the
-run's ``data.windows``): one answer per window, and the majority answer when there are several.
+The prompt is read as an instruction file's user turn is: each ``<image>`` in it stands for one
+``--scan``, in the order the ``--scan`` flags are given (``--prompt "<image> What is the sex of
+this subject?"``). A prompt without ``<image>`` gets the images before it, in the order given
+(the layout of the synthetic and predecessor instruction files). A count that differs from the
+number of scans is refused. rsfMRI is windowed as evaluation windows it (the run's
+``data.windows``): one answer per window, and the majority answer when there are several.
 
-Errors are clear and early: a base model whose weights do not hash to what the export was
-trained on, an export without recorded preprocessing, a modality the model was not trained on, or
-a preprocessing grid that does not match the model's input size.
+Errors are one line and exit status 2 (umbrella_ds/errors.py), early: a base model whose weights
+do not hash to what the export was trained on, an export without recorded preprocessing, a
+modality the model was not trained on, a preprocessing grid that does not match the model's
+input size, a scan packing would reject, a prompt whose placeholders do not match the scans.
 """
 
 from __future__ import annotations
@@ -26,18 +30,23 @@ import logging
 import os
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from umbrella_ds import errors
+from umbrella_ds.errors import UserError, add_debug_flag, run_main
+
 log = logging.getLogger("umbrella_ds.infer")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, errors.EXIT_FAILED, errors.EXIT_USAGE
 
 
-class InferError(Exception):
-    """The model, a scan or the export's records do not fit together; the message says how."""
+class InferError(UserError):
+    """The model, a scan, the prompt or the export's records do not fit together; the message
+    says how (exit status 2)."""
 
 
 class ScanReader:
@@ -113,20 +122,38 @@ def preprocess_scans(
 
 
 def build_task(prompt: str, scans: list[tuple[str, Path]]):
-    """The instruction record an instruction file would hold, parsed by the same parser."""
-    from umbrella_ds.data import parse_task
+    """The instruction record an instruction file would hold, parsed by the same parser.
 
-    images = [{"type": "image", "modality": m, "image_path": str(p)} for m, p in scans]
-    record = {
+    With ``<image>`` in the prompt the record is the predecessor's form (a text turn with
+    placeholders, the images declared in order), so each placeholder takes the next scan where
+    the user put it; without, the images are parts before the text, as the synthetic files have
+    them."""
+    from umbrella_ds.data import parse_task
+    from umbrella_ds.data.instructions import IMAGE_PLACEHOLDER
+
+    n = prompt.count(IMAGE_PLACEHOLDER)
+    if n and n != len(scans):
+        raise InferError(
+            f"--prompt: {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(scans)} --scan(s); put "
+            f"one {IMAGE_PLACEHOLDER} per --scan, in the order of the --scan flags, or none (the "
+            "images then come before the prompt)"
+        )
+    record: dict[str, Any] = {
         "task_id": "infer",
         "task_type": "T1" if len(scans) == 1 else "T3",
         "subject_ids": [f"scan{k}" for k in range(len(scans))],
-        "conversations": [
-            {"role": "user", "content": [*images, {"type": "text", "text": prompt}]},
-            {"role": "assistant", "content": [{"type": "text", "text": ""}]},
-        ],
         "metadata": {"task": "infer"},
     }
+    if n:
+        record["images"] = [{"modality": m, "path": str(p)} for m, p in scans]
+        user: Any = prompt
+    else:
+        images = [{"type": "image", "modality": m, "image_path": str(p)} for m, p in scans]
+        user = [*images, {"type": "text", "text": prompt}]
+    record["conversations"] = [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": [{"type": "text", "text": ""}]},
+    ]
     return parse_task(record, "<umbrella-infer>")
 
 
@@ -154,7 +181,8 @@ def infer(
             f"--model {export_dir}: no {EXPORT_INFO} (not an umbrella-export directory)"
         )
     if not scans:
-        raise InferError("give at least one --scan MODALITY=PATH")
+        raise InferError("--scan: give at least one --scan MODALITY=PATH")
+    task = build_task(prompt, scans)  # a placeholder count that does not fit fails before loading
     info = json.loads((export_dir / EXPORT_INFO).read_text())
     cfg = config_from_dict(info["run_config"])
     volumes = preprocess_scans(scans, info)
@@ -170,7 +198,7 @@ def infer(
     )
     rs = info["modalities"].get("rsfMRI")
     ds = InstructionDataset(
-        [build_task(prompt, scans)],
+        [task],
         ScanReader(volumes),
         renderer,
         train=False,
@@ -226,10 +254,19 @@ def infer(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(prog="umbrella-infer", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="umbrella-export directory")
-    p.add_argument("--prompt", required=True, help="the question (images are put before it)")
+    p.add_argument(
+        "--prompt",
+        required=True,
+        help="the question; each <image> in it takes the next --scan, and without any the "
+        "images come before it",
+    )
     p.add_argument(
         "--scan",
         action="append",
@@ -240,16 +277,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="also write the answer record (JSON) here")
     p.add_argument("--base", default=None, help="frozen base (preset or local dir), if moved")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval value")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="umbrella-infer: %(message)s")
-    try:
-        scans = [parse_scan(s) for s in args.scan]
-        result = infer(
-            args.model, args.prompt, scans, base=args.base, max_new_tokens=args.max_new_tokens
-        )
-    except InferError as exc:
-        print(f"umbrella-infer: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise InferError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    from umbrella_ds.train.preflight import check_base
+
+    check_base(args.base)
+    scans = [parse_scan(s) for s in args.scan]
+    result = infer(
+        args.model, args.prompt, scans, base=args.base, max_new_tokens=args.max_new_tokens
+    )
     text = json.dumps(result, indent=1)
     if args.out:
         from umbrella_ds.shards import atomic_write_text

@@ -20,9 +20,12 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from umbrella_ds.errors import UserError, add_debug_flag, run_main
 
 log = logging.getLogger("umbrella_ds.report")
 
@@ -38,8 +41,8 @@ EVAL_COLUMNS = (
 )
 
 
-class ReportError(Exception):
-    """A run that cannot be read; the message names the file."""
+class ReportError(UserError):
+    """A run that cannot be read; the message names the file (exit status 2)."""
 
 
 @dataclass
@@ -210,17 +213,19 @@ def report(run_dirs: list[str | os.PathLike[str]], out: str | os.PathLike[str]) 
     return {"png": png, "markdown": md}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """0 written; 2 a run that cannot be read (one ``error:`` line); 1 a failure."""
+    return run_main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     p = argparse.ArgumentParser(prog="umbrella-report", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (holding metrics.jsonl)")
     p.add_argument("--out", required=True, help="directory for loss_curves.png and report.md")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="umbrella-report: %(message)s")
-    try:
-        written = report(args.runs, args.out)
-    except ReportError as exc:
-        print(f"umbrella-report: {exc}", file=sys.stderr)
-        return 1
+    written = report(args.runs, args.out)
     print(written["markdown"].read_text(), end="")
     print(f"wrote {written['markdown']} and {written['png']}")
     return 0

@@ -211,7 +211,7 @@ def test_config_error_exits_2_naming_the_key(override, key, capsys):
     rc = train_main(["--config", str(DEMO), "--set", override])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "config error" in err and key in err, err
+    assert err.startswith(f"error: {key}: ") and "Traceback" not in err, err
 
 
 def test_relative_data_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):

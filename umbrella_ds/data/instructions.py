@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from umbrella_ds.errors import UserError
+
 IMAGE_PLACEHOLDER = "<image>"
 
 _MODALITY_ALIASES = {"t1": "T1", "smri": "T1", "fmri": "rsfMRI", "rsfmri": "rsfMRI"}
@@ -46,7 +48,7 @@ _ROLE_ALIASES = {
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".h5", ".hdf5", ".npy", ".npz", ".pt", ".pth", ".gz")
 
 
-class InstructionError(ValueError):
+class InstructionError(UserError, ValueError):
     """An instruction file that cannot be turned into tasks; the message names file and line."""
 
 
@@ -413,7 +415,8 @@ def resolve_subjects(
         shown = "; ".join(f"{t.task_id} ({', '.join(a)})" for t, a in bad[:20])
         more = f"; ... and {len(bad) - 20} more" if len(bad) > 20 else ""
         raise MissingSubjectError(
-            f"{len(bad)} task(s) name subjects absent from the shards: {shown}{more} "
-            "(set missing='skip' to drop them with a count)"
+            f"data.missing_subjects: {len(bad)} task(s) name subjects absent from the shards: "
+            f"{shown}{more} "
+            "(pack them, or set data.missing_subjects=skip to drop them with a count)"
         )
     return kept, len(bad)

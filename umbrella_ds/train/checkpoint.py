@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from umbrella_ds.config import CheckpointConfig
+from umbrella_ds.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ DIE_DURING_SAVE_ENV = "UMBRELLA_TEST_DIE_DURING_SAVE"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names its path and the reason."""
+
+
+class CheckpointPathError(CheckpointError, UserError):
+    """A path given as a checkpoint (``--resume``, ``--checkpoint``) that is not a usable one:
+    the user's to fix, exit status 2 (a failed write stays a CheckpointError, exit 1)."""
 
 
 @dataclass(frozen=True)
@@ -67,9 +73,9 @@ def read_meta(step_dir: Path) -> dict[str, Any]:
     try:
         return json.loads((step_dir / META).read_text())
     except FileNotFoundError as e:
-        raise CheckpointError(f"{step_dir}: incomplete checkpoint (no {META})") from e
+        raise CheckpointPathError(f"{step_dir}: incomplete checkpoint (no {META})") from e
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{step_dir}/{META}: unreadable: {e}") from e
+        raise CheckpointPathError(f"{step_dir}/{META}: unreadable: {e}") from e
 
 
 def resolve(path: str | Path) -> Path:
@@ -82,9 +88,9 @@ def resolve(path: str | Path) -> Path:
             tag = (root / LATEST).read_text().strip()
             step_dir = root / tag
             if not (step_dir / META).is_file():
-                raise CheckpointError(f"{root / LATEST} names {tag}, which is incomplete")
+                raise CheckpointPathError(f"{root / LATEST} names {tag}, which is incomplete")
             return step_dir
-    raise CheckpointError(f"{p}: not a checkpoint (no {META}) and no {LATEST} file under it")
+    raise CheckpointPathError(f"{p}: not a checkpoint (no {META}) and no {LATEST} file under it")
 
 
 def find(resume: str, root: Path) -> Found | None:

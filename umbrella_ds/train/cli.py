@@ -2,20 +2,26 @@
 
 With ``--find-micro-batch`` it trains nothing: one process reports the largest micro-batch that
 fits the config and its throughput (umbrella_ds/train/micro_batch.py), then exits 0.
+
+Exit statuses: 0 finished, 75 stopped on a signal after a complete checkpoint, 1 failed (with a
+traceback in the log), 2 a user error: one ``error: <key or file:line>: ...`` line from rank 0,
+no traceback (umbrella_ds/errors.py; ``--debug`` or ``UMBRELLA_DEBUG=1`` adds it).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
+from umbrella_ds.errors import UsageError, UserError, add_debug_flag, run_main
 from umbrella_ds.train import signals
 
 # Before anything slow is imported: Python dies on SIGUSR1 by default, and SLURM may send it early.
 signals.install()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="umbrella-train", description=__doc__)
     p.add_argument(
         "--config", required=False, help="run YAML (relative paths resolve from the cwd)"
@@ -63,28 +69,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     finder.add_argument(
         "--answer-tokens", type=int, default=4, help="supervised tokens per synthetic sample"
     )
+    add_debug_flag(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
-    from umbrella_ds.config import ConfigError, load_config
+    from umbrella_ds.config import load_config
+    from umbrella_ds.train import preflight
 
     overrides = [kv for group in args.overrides for kv in group]
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"umbrella-train: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
     if args.find_micro_batch:
         return _find_micro_batch(cfg, args)
+    preflight.check_run(cfg)
     from umbrella_ds.train.engine import EXIT_FAILED, run
 
     try:
         return run(
             cfg, resume=args.resume, allow_fingerprint_mismatch=args.allow_fingerprint_mismatch
         )
+    except UserError:
+        raise  # one line and exit 2 (run_main), not a traceback
     except Exception:
         import logging
 
@@ -97,8 +108,11 @@ def _find_micro_batch(cfg, args: argparse.Namespace) -> int:
 
     for name in ("max_micro_batch", "finder_steps", "text_tokens", "answer_tokens"):
         if getattr(args, name) < 1:
-            print(f"umbrella-train: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
+            raise UsageError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.answer_tokens >= args.text_tokens:
+        raise UsageError(
+            f"--answer-tokens: {args.answer_tokens} must be < --text-tokens {args.text_tokens}"
+        )
     best, trials = mbf.find_micro_batch(
         cfg,
         max_memory_gib=args.max_memory_gib,

@@ -15,7 +15,8 @@ shards the evaluation set over the ranks (``train/env.py`` discovery). Every ran
 model: a model that only fits partitioned (ZeRO-3) is evaluated during training instead.
 
 Rank 0 alone writes ``OUT/predictions.jsonl``, ``OUT/metrics.json`` and ``OUT/provenance.json``.
-Exit status: 0 done, 1 failed, 2 usage error.
+Exit status: 0 done, 1 failed (traceback), 2 usage error (one ``error: ...`` line from rank 0,
+umbrella_ds/errors.py).
 """
 
 from __future__ import annotations
@@ -27,16 +28,16 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from umbrella_ds import errors
+from umbrella_ds.errors import UsageError, UserError, add_debug_flag, run_main
+
 log = logging.getLogger("umbrella_ds.eval")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """A wrong argument: exit status 2, the message names it."""
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, errors.EXIT_FAILED, errors.EXIT_USAGE
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -69,6 +70,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="where the frozen base comes from (preset or local dir), if not where the run had it",
     )
     p.add_argument("--timeout-s", type=int, default=1800, help="collective timeout")
+    add_debug_flag(p)
     # The deepspeed launcher appends --local_rank=N (the rank comes from the environment).
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -93,7 +95,10 @@ def resolve_source(path: str) -> Source:
 
     p = Path(path).expanduser().resolve()
     if (p / EXPORT_INFO).is_file():
-        info = json.loads((p / EXPORT_INFO).read_text())
+        try:
+            info = json.loads((p / EXPORT_INFO).read_text())
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{p / EXPORT_INFO}:{exc.lineno}: malformed JSON ({exc.msg})") from exc
         return Source(
             "export",
             p,
@@ -141,10 +146,13 @@ def cast_parameters(model, bf16: bool) -> None:
 
 def load_model(src: Source, base: str | None):
     """The patched model and tokenizer in the dtype the run evaluated in, in eval mode."""
-    from umbrella_ds.train.export import load_checkpoint_model, load_trained
+    from umbrella_ds.train.export import BaseMismatchError, load_checkpoint_model, load_trained
 
     if src.kind == "export":
-        model, tokenizer = load_trained(src.path, base=base)
+        try:
+            model, tokenizer = load_trained(src.path, base=base)
+        except BaseMismatchError as exc:
+            raise UsageError(f"--base: {exc}") from exc
     else:
         model, tokenizer = load_checkpoint_model(src.path, base=base)
     cast_parameters(model, src.config.train.bf16)
@@ -159,15 +167,19 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from umbrella_ds.train import env
+    from umbrella_ds.train.preflight import check_base, check_shards
 
     src = resolve_source(args.checkpoint)
+    check_base(args.base)
     for name in ("max_new_tokens", "micro_batch", "max_samples"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
     data_dir = Path(args.data).expanduser().resolve()
-    if not (data_dir / "index.json").is_file():
-        raise UsageError(f"--data {args.data}: no index.json (not a packed shard directory)")
+    try:
+        check_shards(str(data_dir), "--data")
+    except UserError as exc:
+        raise UsageError(str(exc)) from None
     files = [str(Path(f).expanduser().resolve()) for f in args.instructions]
     for f in files:
         if not Path(f).exists():
@@ -259,7 +271,11 @@ def _run(src: Source, args, denv, data_dir: Path, files: list[str], out: Path) -
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = make_parser().parse_args(argv)
     rank = next(
         (
@@ -275,9 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return run(args)
-    except UsageError as exc:
-        print(f"umbrella-eval: usage error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except UserError:
+        raise  # one line, exit 2 (umbrella_ds.errors.run_main)
     except Exception:
         log.exception("umbrella-eval failed")
         return EXIT_FAILED

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +247,19 @@ def _module_prefix(model: torch.nn.Module, module: torch.nn.Module) -> str:
     raise RuntimeError("patch embedding not found in the model")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """``umbrella-export``: 0 written, 2 a user error (one ``error:`` line), 1 a failure."""
+    from umbrella_ds.errors import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from umbrella_ds.config import config_from_dict
+    from umbrella_ds.errors import add_debug_flag
+    from umbrella_ds.train.checkpoint import read_meta, resolve
+    from umbrella_ds.train.preflight import check_shards
+
     p = argparse.ArgumentParser(prog="umbrella-export", description=__doc__.split("\n")[0])
     p.add_argument("ckpt", metavar="CKPT_DIR", help="run dir, its checkpoints dir, or a step dir")
     p.add_argument("--out", required=True, help="export directory")
@@ -255,13 +268,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the training shards (their preprocessing is recorded), if moved from the run config's path",
     )
+    add_debug_flag(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    try:
-        out = export(args.ckpt, args.out, shards=args.shards)
-    except Exception as e:
-        print(f"umbrella-export: {e}", file=sys.stderr)
-        return 1
+    # The user's paths first, each a one-line error naming it: the checkpoint, then the shards
+    # whose preprocessing the export records.
+    cfg = config_from_dict(read_meta(resolve(args.ckpt))["config"])
+    if args.shards is not None:
+        check_shards(args.shards, "--shards")
+    else:
+        check_shards(cfg.data.shards, "data.shards of the run (moved? pass --shards DIR)")
+    out = export(args.ckpt, args.out, shards=args.shards)
     print(f"exported {args.ckpt} -> {out}")
     return 0
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from umbrella_ds.config import DataConfig, ModelConfig
+from umbrella_ds.config import ConfigError, DataConfig, ModelConfig
 from umbrella_ds.data import (
     InstructionDataset,
     Renderer,
@@ -79,11 +79,12 @@ def build_inputs(data: DataConfig, model_cfg: ModelConfig, model, tokenizer, see
         if ds.num_rejected:
             log.warning("%d task(s) longer than data.max_length were rejected", ds.num_rejected)
         if len(ds) == 0:
-            raise RuntimeError(f"no usable tasks in {files}")
+            key = "data.train" if train else "data.eval"
+            raise ConfigError(f"{key}: no usable tasks in {files}")
         return ds
 
     if not data.train:
-        raise RuntimeError("data.train names no instruction file")
+        raise ConfigError("data.train: names no instruction file")
     train_set = dataset(data.train, train=True)
     eval_set = dataset(data.eval, train=False) if data.eval else None
     if eval_set is not None:

@@ -12,12 +12,13 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from umbrella_ds.data import Task
+from umbrella_ds.errors import UserError
 
 SHOWN = 20  # subjects named in the message (the count is always complete)
 
 
-class LeakageError(RuntimeError):
-    """Subjects shared by the training and evaluation sets (the message names them)."""
+class LeakageError(UserError, RuntimeError):
+    """Subjects shared by the training and evaluation sets (the message names them; exit 2)."""
 
 
 def shared_subjects(
