@@ -79,7 +79,7 @@ def test_overrides_types_and_several_pairs():
         ("train.deepspeed=zero4", "train.deepspeed"),
         ("train.lr=-1", "train.lr"),
         ("train.global_batch=10", "train.global_batch"),  # not a multiple of micro_batch 8
-        ("model.modalities.T1.patch=[5, 5, 5]", "model.modalities.T1"),
+        ("model.modalities.T1.patch=[64, 64, 64]", "model.modalities.T1"),
         ("model.modalities.DWI.size=[8, 8, 8]", "model.modalities.DWI"),
         ("data.overflow=cut", "data.overflow"),
         ("checkpoint.keep_last=0", "checkpoint.keep_last"),

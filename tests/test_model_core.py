@@ -83,8 +83,11 @@ def _batch(model, supervised: tuple[int, int] = (3, 1)) -> dict:
 def test_modality_spec_validation():
     assert ModalitySpec((96, 96, 96), (16, 16, 16)).num_tokens == 216
     assert ModalitySpec((96, 96, 96, 24), (16, 16, 16, 3)).num_tokens == 1728
-    with pytest.raises(ValueError, match="not divisible"):
-        ModalitySpec((30, 32, 32), (8, 8, 8))
+    # a patch that does not divide the size floors, as Conv3d does (the predecessor's configs)
+    assert ModalitySpec((30, 32, 32), (8, 8, 8)).grid == (3, 4, 4)
+    assert ModalitySpec((30, 32, 32), (8, 8, 8)).dropped == (6, 0, 0)
+    with pytest.raises(ValueError, match="larger than size"):
+        ModalitySpec((4, 32, 32), (8, 8, 8))
     with pytest.raises(ValueError, match="as many dims"):
         ModalitySpec((32, 32, 32), (8, 8))
 

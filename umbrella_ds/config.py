@@ -45,8 +45,12 @@ class ModalityConfig:
         if len(self.size) not in (3, 4):
             raise ConfigError(f"{key}.size: expected 3 (T1) or 4 (rsfMRI) numbers, got {self.size}")
         for s, p in zip(self.size, self.patch):
-            if p <= 0 or s % p:
-                raise ConfigError(f"{key}: patch {self.patch} does not divide size {self.size}")
+            if p <= 0 or s <= 0 or p > s:
+                raise ConfigError(
+                    f"{key}: patch {self.patch} must be positive and no larger than size {self.size}"
+                )
+        # A patch that does not divide the size is accepted (the predecessor's 10^3 on 96^3): the
+        # patch embedding floors, as Conv3d does, and warns how many voxels per axis go unseen.
 
 
 @dataclass

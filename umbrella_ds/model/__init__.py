@@ -3,6 +3,7 @@
 from umbrella_ds.model.build import DEFAULT_MODALITIES, build_model, count_parameters
 from umbrella_ds.model.llava import (
     ParamRow,
+    branch_order,
     check_image_tokens,
     embed_inputs,
     enable_activation_checkpointing,
@@ -31,6 +32,7 @@ __all__ = [
     "ModalitySpec",
     "ParamRow",
     "Preset",
+    "branch_order",
     "build_model",
     "check_image_tokens",
     "count_parameters",

@@ -129,6 +129,14 @@ def build_model(
         template.check_model(config, tokenizer)
     config.umbrella_chat_template = template.name
     mods = parse_modalities(modalities if modalities is not None else default_mods)
+    for name, spec in mods.items():
+        if any(spec.dropped):
+            log.warning(
+                "model.modalities.%s: patch %s does not divide size %s; as Conv3d floors, the "
+                "trailing %s voxels per axis are unseen",
+                name, list(spec.patch), list(spec.size), list(spec.dropped),
+            )  # fmt: skip
+    log.info("image tokens:\n%s", "\n".join(s.describe(m) for m, s in mods.items()))
     config._attn_implementation = attn_implementation  # read by from_pretrained/_from_config
 
     # HF partitions by itself when a HfDeepSpeedConfig is alive; otherwise, for a random init

@@ -225,7 +225,8 @@ def _tower_features(model: nn.Module, modality: str, pixel_values: torch.Tensor)
     layer = cfg.vision_feature_layer
     patch = find_patch_embed(model)
     with patch.use_modality(modality):
-        out = vision_tower(model)(pixel_values, output_hidden_states=layer, return_dict=True)
+        # output_hidden_states=True, not =layer: layer 0 (the embedding output) is falsy.
+        out = vision_tower(model)(pixel_values, output_hidden_states=True, return_dict=True)
     if isinstance(layer, int):
         selected = out.hidden_states[layer]
     else:
@@ -238,9 +239,34 @@ def _tower_features(model: nn.Module, modality: str, pixel_values: torch.Tensor)
     return projector(model)(selected)
 
 
+def branch_order(
+    model: nn.Module, present: Sequence[str], required: Sequence[str] = ()
+) -> list[str]:
+    """The modality branches a forward runs, in the patch embedding's configured order.
+
+    The order never depends on the batch: ZeRO-3 gathers a branch's parameters when it runs, so
+    two ranks running branches in different orders would gather different parameters at the same
+    collective (a size-mismatch abort on gloo, a hang on NCCL), and ZeRO-1/2 fill gradient buckets
+    in hook order, so they would reduce one rank's T1 gradients into another's rsfMRI ones with no
+    error at all. `present` are the modalities with images in this batch; `required` are those
+    that must run anyway (with a zero dummy image) so every rank runs the same branches.
+    """
+    configured = find_patch_embed(model).modalities
+    unknown = sorted(set(present) - set(configured)) + sorted(set(required) - set(configured))
+    if unknown:
+        raise ValueError(
+            f"modalities {unknown} are not configured in the patch embedding ({configured})"
+        )
+    wanted = set(present) | set(required)
+    return [m for m in configured if m in wanted]
+
+
 def image_features(model: nn.Module, images: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{modality: (N_m, *size)} -> {modality: (N_m, L_m, H_text)}; empty modalities are skipped."""
-    return {m: _tower_features(model, m, x) for m, x in images.items() if x.shape[0] > 0}
+    """{modality: (N_m, *size)} -> {modality: (N_m, L_m, H_text)}; empty modalities are skipped.
+
+    Branches run in the configured order (`branch_order`), whatever order `images` has."""
+    present = [m for m, x in images.items() if x.shape[0] > 0]
+    return {m: _tower_features(model, m, images[m]) for m in branch_order(model, present)}
 
 
 def _dummy_term(model: nn.Module, modality: str, like: torch.Tensor) -> torch.Tensor:
@@ -300,17 +326,25 @@ def embed_inputs(
 
     `image_positions[m]` holds flat indices into the (B*S) view, image after image, L_m each.
     Modalities in `all_modalities` missing from `images` still run a zero image through their
-    branch (ZeRO-3: every rank gathers the same parameters), contributing exactly 0.
+    branch, contributing exactly 0. Every branch, real or dummy, runs in the patch embedding's
+    configured order (`branch_order`): never reordered by what the batch holds, on every rank.
     """
     if input_ids.device.type == "cpu":
         check_image_tokens(input_ids, image_positions, image_token_id(model))
     embeds = model.get_input_embeddings()(input_ids)  # (B, S, H)
     b, s, h = embeds.shape
     flat = embeds.reshape(b * s, h)
-    feats = image_features(model, images)
-    for m, f in feats.items():
+    present = [m for m, x in images.items() if x.shape[0] > 0]
+    for m, pos in image_positions.items():
+        if m not in present and pos.numel():
+            raise ValueError(f"image_positions[{m!r}] has {pos.numel()} entries but no {m} images")
+    for m in branch_order(model, present, all_modalities):
+        if m not in present:
+            flat = flat + _dummy_term(model, m, flat)
+            continue
         if m not in image_positions:
             raise ValueError(f"images of modality {m!r} given without image_positions[{m!r}]")
+        f = _tower_features(model, m, images[m])
         pos = image_positions[m].to(flat.device, non_blocking=True).reshape(-1)
         rows = f.reshape(-1, h)
         if pos.numel() != rows.shape[0]:
@@ -319,12 +353,6 @@ def embed_inputs(
                 f"({f.shape[0]} images x {f.shape[1]} tokens)"
             )
         flat = flat.index_copy(0, pos, rows.to(flat.dtype))
-    for m, pos in image_positions.items():
-        if m not in feats and pos.numel():
-            raise ValueError(f"image_positions[{m!r}] has {pos.numel()} entries but no {m} images")
-    for m in all_modalities:
-        if m not in feats:
-            flat = flat + _dummy_term(model, m, flat)
     return flat.reshape(b, s, h)
 
 

@@ -43,16 +43,33 @@ class ModalitySpec:
             raise ValueError(f"ModalitySpec.patch {patch} must have as many dims as size {size}")
         if any(s <= 0 for s in size) or any(p <= 0 for p in patch):
             raise ValueError(f"ModalitySpec sizes must be positive: size={size}, patch={patch}")
-        bad = [(s, p) for s, p in zip(size, patch) if s % p]
-        if bad:
+        big = [(s, p) for s, p in zip(size, patch) if p > s]
+        if big:
             raise ValueError(
-                f"ModalitySpec size {size} is not divisible by patch {patch} (offending size/patch: {bad})"
+                f"ModalitySpec patch {patch} is larger than size {size} (offending size/patch: {big})"
             )
 
     @property
     def grid(self) -> tuple[int, ...]:
-        """Patches along each axis."""
+        """Patches along each axis: floor(size / patch), Conv3d's rule (the predecessor's too).
+
+        A patch that does not divide the size leaves each axis's trailing `size % patch` voxels
+        unseen (`dropped`); its configs use 10^3 patches on a 96^3 grid (9 per axis, 729 tokens).
+        """
         return tuple(s // p for s, p in zip(self.size, self.patch))
+
+    @property
+    def dropped(self) -> tuple[int, ...]:
+        """Trailing voxels (frames, for the time axis) per axis that no patch covers."""
+        return tuple(s % p for s, p in zip(self.size, self.patch))
+
+    def describe(self, name: str) -> str:
+        """One summary line, e.g. ``T1 96x96x96 / 10x10x10: 729 image tokens``."""
+        x = "x".join
+        line = f"{name} {x(map(str, self.size))} / {x(map(str, self.patch))}: {self.num_tokens} image tokens"
+        if any(self.dropped):
+            line += f" (trailing voxels per axis unseen: {x(map(str, self.dropped))})"
+        return line
 
     @property
     def num_tokens(self) -> int:
@@ -200,6 +217,8 @@ class MRIPatchEmbed(nn.Module):
         if spec.is_series:
             gd, gh, gw, gt = spec.grid
             pd, ph, pw, pt = spec.patch
+            if any(spec.dropped):  # Conv3d's floor for the 4D blocks: trailing voxels unseen
+                x = x[:, : gd * pd, : gh * ph, : gw * pw, : gt * pt]
             # (N, gD,pD, gH,pH, gW,pW, gT,pT) -> (N, gD,gH,gW,gT, pD,pH,pW,pT): one row per block
             x = x.reshape(n, gd, pd, gh, ph, gw, pw, gt, pt)
             x = x.permute(0, 1, 3, 5, 7, 2, 4, 6, 8).reshape(n, spec.num_tokens, -1)

@@ -28,6 +28,7 @@ from umbrella_ds.config import ConfigError, RunConfig
 from umbrella_ds.data import ResumableSampler
 from umbrella_ds.model import (
     build_model,
+    find_patch_embed,
     language_model,
     lm_head,
     model_forward_loss,
@@ -232,11 +233,19 @@ class _Trainer:
             dt = time.perf_counter() - t0
             self._log(step, loss, lr, applied, counts, dt, t_data)
             saved = None
-            if self._due(step, self.cfg.checkpoint.every_steps) or step == t.max_steps:
-                saved = last_saved = self._save(step)
-            if self._due(step, self.cfg.eval.every_steps) or (
+            eval_due = self._due(step, self.cfg.eval.every_steps) or (
                 step == t.max_steps and self.cfg.eval.at_end
+            )
+            # With checkpoint.keep_best every evaluation saves first: a best can only be kept if
+            # a checkpoint exists at its step (eval.every_steps need not divide into
+            # checkpoint.every_steps).
+            if (
+                self._due(step, self.cfg.checkpoint.every_steps)
+                or step == t.max_steps
+                or (eval_due and self.cfg.checkpoint.keep_best and self.inputs.eval_set)
             ):
+                saved = last_saved = self._save(step)
+            if eval_due:
                 self._evaluate(step, saved)
         return EXIT_OK
 
@@ -380,6 +389,8 @@ def _write_start(logger: RunLogger, denv: env.DistEnv, cfg: RunConfig, fps, foun
             ranks=[{"rank": h["rank"], "host": h["host"], "node": h["slurm_node"]} for h in hosts],
         )
         _, table = parameter_table(model)
+        image_tokens = [spec.describe(m) for m, spec in find_patch_embed(model).specs.items()]
+        log.info("image tokens per modality:\n  %s", "\n  ".join(image_tokens))
         device_name, peak, peak_name = device_peak()
         logger.write(
             {
@@ -391,6 +402,7 @@ def _write_start(logger: RunLogger, denv: env.DistEnv, cfg: RunConfig, fps, foun
                 "resumed_from": str(found.path) if found else None,
                 "fingerprints": fps,
                 "parameters": table,
+                "image_tokens": image_tokens,
                 "device": device_name,
                 "peak_flops": peak,
                 "peak_name": peak_name,

@@ -1,0 +1,105 @@
+"""The equivalence matrix: each case is one line, run on 1 rank (the reference) and on 2 ranks.
+
+A case is correct when the 2-rank run equals the 1-rank run with the same global batch: fp32,
+losses within 1e-4 relative at every step, the trained patch embedding within 1e-5 at the end,
+and the end-of-run evaluation (an odd number of items per task, so ranks hold different counts)
+within 1e-4. The covering design keeps CI time sane: every value of every axis appears in a
+case where ranks hold different modalities (`mixed`: T1 and rsfMRI tasks in one data.train at
+micro-batch 1; `t3_cross`: T3 comparisons whose two images are of different modalities, mixed
+with single-image T1 tasks, so image counts differ between ranks too).
+
+To add the combination a user reports, add one line to CASES.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+STEPS = 6
+GLOBAL_BATCH = 4  # micro-batch 1: 2 micro-batches per rank on 2 ranks, 4 on the reference
+T1 = {"size": [32, 32, 32], "patch": [8, 8, 8]}
+RSFMRI = {"size": [16, 16, 16, 4], "patch": [8, 8, 8, 2]}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    data: str  # t1 | rsfmri | mixed | t3_cross (files written by the fixture, see TRAIN_FILES)
+    zero: str  # zero1 | zero2 | zero3 (zero3: every parameter partitioned, see ds_json)
+    preset: str = "tiny"  # tiny: SigLIP-style tower; tiny-clip: CLIP-style tower
+    checkpointing: bool = False  # activation checkpointing of both towers
+
+
+CASES = [
+    Case("mixed-zero2-siglip", "mixed", "zero2"),
+    Case("mixed-zero3-siglip-ckpt", "mixed", "zero3", checkpointing=True),
+    Case("mixed-zero1-clip", "mixed", "zero1", preset="tiny-clip"),
+    Case("mixed-zero3-clip", "mixed", "zero3", preset="tiny-clip"),
+    Case("t3cross-zero2-clip-ckpt", "t3_cross", "zero2", preset="tiny-clip", checkpointing=True),
+    Case("t3cross-zero3-siglip", "t3_cross", "zero3"),
+    Case("t1-zero2-siglip", "t1", "zero2"),
+    Case("rsfmri-zero3-clip", "rsfmri", "zero3", preset="tiny-clip"),
+]
+
+# instruction files under the fixture's instructions/ folder (written by conftest.py)
+TRAIN_FILES = {
+    "t1": ["t1_sex_train.jsonl"],
+    "rsfmri": ["rsfmri_sex_train.jsonl"],
+    "mixed": ["t1_sex_train.jsonl", "rsfmri_sex_train.jsonl"],
+    "t3_cross": ["t3_cross_train.jsonl", "t1_sex_train.jsonl"],
+}
+EVAL_FILES = ["t1_sex_eval_odd.jsonl", "rsfmri_sex_eval_odd.jsonl"]
+# Adam's eps in the harness's DeepSpeed configs (ds_configs/ has 1e-8). Adam's first steps map
+# each gradient element g to about lr * g / (|g| + eps): with eps 1e-8 an element whose gradient
+# cancels to ~1e-8 turns fp32 reduction-order noise (~1e-10 there) into differences of ~5e-6 in
+# the weights (measured: 1.1e-5 relative on a T1-only case with no mixing at all). 1e-6 keeps the
+# map smooth, so the weight check measures the distributed path, not Adam's sign function.
+HARNESS_ADAM_EPS = 1e-6
+
+
+def ds_json(zero: str) -> str:
+    """File name, in the fixture's folder, of a stage's harness DeepSpeed config: the stage's
+    ds_configs/ JSON with HARNESS_ADAM_EPS and, for ZeRO-3, a persistence threshold of 0 so every
+    parameter is partitioned (the tiny presets' tensors are all under the default threshold)."""
+    return f"{zero}_harness.json"
+
+
+def by_name(name: str) -> Case:
+    for case in CASES:
+        if case.name == name:
+            return case
+    raise KeyError(f"no equivalence case {name!r} (cases: {[c.name for c in CASES]})")
+
+
+def overrides(case: Case, data: Path, out: Path) -> list[str]:
+    """The run config of one case: --set pairs over configs/demo.yaml."""
+    inst = data / "instructions"
+    modalities = {"T1": T1, "rsfMRI": RSFMRI}
+    sets = {
+        "output_dir": str(out),
+        "data.shards": str(data / "shards"),
+        "data.train": "[" + ", ".join(str(inst / f) for f in TRAIN_FILES[case.data]) + "]",
+        "data.eval": "[" + ", ".join(str(inst / f) for f in EVAL_FILES) + "]",
+        "data.windows": "random",
+        "model.preset": case.preset,
+        "model.modalities": str(modalities).replace("'", '"'),
+        "model.checkpointing.vision": str(case.checkpointing).lower(),
+        "model.checkpointing.language": str(case.checkpointing).lower(),
+        "train.deepspeed": str(data / ds_json(case.zero)),
+        "train.bf16": "false",
+        "train.max_steps": str(STEPS),
+        "train.global_batch": str(GLOBAL_BATCH),
+        "train.micro_batch": "1",
+        "train.warmup_steps": "2",
+        "train.lr": "1.0e-3",
+        "checkpoint.every_steps": "0",
+        "checkpoint.keep_last": "1",
+        "eval.at_end": "true",
+        "eval.micro_batch": "2",
+        "eval.max_new_tokens": "3",
+        "log.every_steps": "1",
+        "log.progress": "false",
+        "log.tensorboard": "false",
+    }
+    return [f"{k}={v}" for k, v in sets.items()]

@@ -1,0 +1,110 @@
+"""Fixtures of the equivalence harness: one T1 + rsfMRI cohort, then every case on 1 and 2 ranks.
+
+The two launches (reference and 2 ranks) run once per session and serve every test in this
+folder; each launch runs all cases of `cases.CASES` in one process group (driver.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .cases import CASES, EVAL_FILES, HARNESS_ADAM_EPS, ds_json
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+DRIVER = Path(__file__).resolve().parent / "driver.py"
+LAUNCH_TIMEOUT_S = 1200
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _odd_subset(src: Path, dst: Path, n: int = 3) -> None:
+    lines = src.read_text().splitlines()[:n]
+    assert len(lines) == n, f"{src} has fewer than {n} tasks"
+    dst.write_text("\n".join(lines) + "\n")
+
+
+def _cross_modal_t3(src: Path, dst: Path) -> None:
+    """The synthetic T3 comparisons with the reference scan's T1 replaced by its rsfMRI."""
+    out = []
+    for line in src.read_text().splitlines():
+        task = json.loads(line)
+        ref = task["subject_ids"][0]
+        path = f"rsfmri_frames/img/{ref}"
+        task["modalities"] = ["rsfMRI", "sMRI"]
+        task["images"][0] = {"path": path, "token": "<image>", "modality": "rsfMRI"}
+        first = task["conversations"][0]["content"]
+        first[0] = {"type": "image", "modality": "rsfMRI", "image_path": path}
+        out.append(json.dumps(task))
+    dst.write_text("\n".join(out) + "\n")
+
+
+@pytest.fixture(scope="session")
+def equivalence_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("equivalence-data")
+    raw = root / "raw"
+    run = dict(check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [BIN / "umbrella-pack", "synth", "--out", raw, "--subjects", "20", "--seed", "1",
+         "--t1-shape", "40", "40", "40", "--frames", "8", "--rsfmri-shape", "16", "16", "16"],
+        **run,
+    )  # fmt: skip
+    subprocess.run(
+        [BIN / "umbrella-pack", "build", "--manifest", raw / "manifest.csv", "--out",
+         root / "shards", "--modalities", "T1", "rsfMRI", "--t1-size", "32", "32", "32",
+         "--rsfmri-size", "16", "16", "16", "--workers", "1", "--no-progress"],
+        **run,
+    )  # fmt: skip
+    inst = root / "instructions"
+    inst.mkdir()
+    for name in ("t1_sex_train.jsonl", "rsfmri_sex_train.jsonl"):
+        (inst / name).write_text((raw / "instructions" / name).read_text())
+    _cross_modal_t3(raw / "instructions" / "t3_sex_train.jsonl", inst / "t3_cross_train.jsonl")
+    for name in EVAL_FILES:
+        _odd_subset(raw / "instructions" / name.replace("_odd", ""), inst / name)
+    for zero in ("zero1", "zero2", "zero3"):
+        ds = json.loads((REPO / "ds_configs" / f"{zero}.json").read_text())
+        ds["optimizer"]["params"]["eps"] = HARNESS_ADAM_EPS
+        if zero == "zero3":
+            ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        (root / ds_json(zero)).write_text(json.dumps(ds, indent=1))
+    return root
+
+
+def _launch(nproc: int, data: Path, out: Path) -> Path:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [
+        str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_free_port()),
+        str(DRIVER), "--data", str(data), "--out", str(out), *(c.name for c in CASES),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=REPO
+    )
+    assert proc.returncode == 0, (
+        f"{nproc}-rank equivalence launch exited {proc.returncode}\n"
+        f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_runs(equivalence_data, tmp_path_factory) -> Path:
+    """Every case on one rank: the single-process reference with the same global batch."""
+    return _launch(1, equivalence_data, tmp_path_factory.mktemp("equivalence-1rank"))
+
+
+@pytest.fixture(scope="session")
+def two_rank_runs(equivalence_data, reference_runs, tmp_path_factory) -> Path:
+    """Every case on two ranks (after the reference: the two launches never share the cores)."""
+    return _launch(2, equivalence_data, tmp_path_factory.mktemp("equivalence-2rank"))

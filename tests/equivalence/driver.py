@@ -1,0 +1,71 @@
+"""Runs equivalence cases one after another in one process group, through the real engine.
+
+Started by the deepspeed launcher (1 rank for the reference, 2 for the run under test):
+    deepspeed --num_gpus N tests/equivalence/driver.py --data DIR --out DIR CASE [CASE ...]
+Each case is a whole training run (`engine._run`: build, restore, loop, evaluate, save) into
+OUT/CASE/. One launch serves every case, so the process start-up and DeepSpeed's comm set-up
+are paid once. Besides the run's own outputs, rank 0 writes OUT/CASE/modalities.json: per
+training micro-batch, the modalities each rank's batch held (what makes a case "mixed").
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cases import by_name, overrides
+
+from umbrella_ds.config import load_config
+from umbrella_ds.train import engine, env, signals
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("cases", nargs="+")
+    args = p.parse_args()
+    signals.install()
+    denv = env.discover()
+    engine._setup_logging(denv.rank)
+    env.init_distributed(denv, 600)
+    seen: list[list[str]] = []
+    forward = engine.model_forward_loss
+
+    def recording_forward(model, batch, normaliser, all_modalities=()):
+        if model.training:
+            seen.append(sorted(m for m, x in batch["images"].items() if x.shape[0]))
+        return forward(model, batch, normaliser, all_modalities=all_modalities)
+
+    engine.model_forward_loss = recording_forward
+    try:
+        for name in args.cases:
+            out = args.out / name
+            cfg = load_config(
+                REPO / "configs" / "demo.yaml", overrides(by_name(name), args.data, out)
+            )
+            seen.clear()
+            code = engine._run(cfg, denv, "none", False)
+            if code != engine.EXIT_OK:
+                return code
+            per_rank: list[list[list[str]] | None] = [None] * denv.world_size
+            dist.all_gather_object(per_rank, list(seen))
+            if denv.rank == 0:
+                (out / "modalities.json").write_text(json.dumps(per_rank))
+            gc.collect()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
