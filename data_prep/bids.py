@@ -75,11 +75,11 @@ def parse_name(name: str) -> BidsName | None:
     entities: dict[str, str] = {}
     for part in parts[:-1]:
         key, sep, value = part.partition("-")
-        if not sep or not key or not value or key in entities:
+        if not sep or not key.isalnum() or not value.isalnum() or key in entities:
             return None
         entities[key] = value
     suffix = parts[-1]
-    if "-" in suffix or not suffix or next(iter(entities)) != "sub":
+    if not suffix.isalnum() or next(iter(entities)) != "sub":
         return None
     return BidsName(entities, suffix, ext)
 
@@ -154,8 +154,10 @@ class _Chooser:
         if not candidates:
             return None
         if self.derivatives:
-            if self.space is not None:
-                candidates = [c for c in candidates if c[1].entities.get("space") == self.space]
+            if self.space is not None:  # an image without space- (native T1w) stays a candidate
+                candidates = [
+                    c for c in candidates if c[1].entities.get("space", self.space) == self.space
+                ]
                 if not candidates:
                     return None
             spaces = sorted({c[1].entities.get("space", "") for c in candidates})
