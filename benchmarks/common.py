@@ -213,3 +213,67 @@ def disk_write_mb_per_s(directory: Path, size_bytes: int, repeats: int = 3) -> f
     finally:
         path.unlink(missing_ok=True)
     return statistics.median(rates)
+
+
+# ---------------------------------------------------------------- realistic shards, quickly
+
+
+def realistic_images(
+    subjects: int, t1_grid: tuple[int, int, int], rs_grid: tuple[int, int, int], frames: int
+) -> list[dict[str, Any]]:
+    """Normalised float16 images as packing stores them, from the synthetic phantoms: T1
+    z-scored over the volume, rsfMRI (the realistic brain-in-background series) z-scored over
+    its brain voxels with the background at -mean/std (`znorm_minback`). Made in memory, so
+    read and compression benchmarks at the GPU shapes skip NIfTI writing and decoding."""
+    import numpy as np
+
+    from data_prep.synth import Subject, bold, phantom
+
+    out = []
+    for i in range(subjects):
+        s = Subject(f"S{i:04d}", 1 + i % 2, 120, 0.0, False, False)
+        rng = np.random.default_rng([7, i])
+        t1 = phantom(s, t1_grid, rng).astype(np.float64)
+        t1 = ((t1 - t1.mean()) / t1.std()).astype(np.float16)
+        rs = bold(s, rs_grid, rng, frames)
+        fg = rs[rs != 0]
+        mean, std = float(fg.mean()), float(fg.std())
+        rs -= mean
+        rs /= std
+        out.append({"id": s.key, "T1": t1, "rsfMRI": rs.astype(np.float16)})
+    return out
+
+
+def write_shards(
+    out: Path,
+    images: list[dict[str, Any]],
+    compression: str | dict[str, str],
+    per_shard: int,
+    format_version: int | None = None,
+) -> float:
+    """`images` packed into `out` through ShardWriter (what `build` does after preprocessing);
+    returns the seconds spent writing (compression included)."""
+    from umbrella_ds import shards
+
+    out.mkdir(parents=True, exist_ok=True)
+    version = format_version or shards.FORMAT_VERSION
+    shapes = {"T1": images[0]["T1"].shape, "rsfMRI": images[0]["rsfMRI"].shape[1:]}
+    records = []
+    start = time.perf_counter()
+    for k in range(0, len(images), per_shard):
+        w = shards.ShardWriter(out, k // per_shard, shapes, compression, {}, f"bench{k}", version)
+        for pos, img in enumerate(images[k : k + per_shard], start=k):
+            w.add_subject(img["id"], pos, {}, {"T1": img["T1"], "rsfMRI": img["rsfMRI"]}, {})
+        records.append(w.close())
+    seconds = time.perf_counter() - start
+    index = shards.build_index(
+        records,
+        shapes=shapes,
+        preprocessing={},
+        compression=compression if isinstance(compression, str) else "per-modality",
+        subjects_per_shard=per_shard,
+        compressions=compression if isinstance(compression, dict) else None,
+        format_version=version,
+    )
+    shards.write_index(out, index)
+    return seconds

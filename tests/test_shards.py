@@ -103,22 +103,32 @@ def test_storage_layout_v1(tmp_path: Path) -> None:
         assert "T1_xxh3" not in f
 
 
-def test_storage_layout(packed: tuple[Path, dict[str, np.ndarray]]) -> None:
+def test_storage_layout(packed: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
     out, _ = packed
+    _write(tmp_path / "z", "blosc-lz4")
     with h5py.File(out / "shard-00000.h5") as f:
         t1, rs = f[shards.DS_T1], f[shards.DS_RS_FRAMES]
         assert t1.chunks == (1, 8, 8, 8) and not t1.fletcher32 and t1.dtype == np.float16
         assert rs.chunks == (shards.FRAMES_PER_CHUNK, 4, 4, 4) and not rs.fletcher32
         assert list(f[shards.DS_RS_OFFSETS][()]) == [0, 11, 16]
-        # v2: one xxh3-64 (seed 0) per chunk, over the chunk's stored bytes (docs/FORMAT.md)
+        # v2: xxh3-64 (seed 0) over each chunk's stored bytes, cut into one slab per row when
+        # the chunk is stored uncompressed (docs/FORMAT.md)
         for ds in (t1, rs):
             digests = f[ds.name + "_xxh3"]
             assert digests.dtype == np.dtype("<u8")
             n = -(-ds.shape[0] // ds.chunks[0])
-            assert digests.shape == (n,)
+            assert digests.shape == (n, ds.chunks[0])
             for k in range(n):
                 raw = ds.id.read_direct_chunk((k * ds.chunks[0], 0, 0, 0))[1]
-                assert int(digests[k]) == xxhash.xxh3_64_intdigest(raw, seed=0)
+                slab = len(raw) // ds.chunks[0]
+                for j in range(ds.chunks[0]):
+                    piece = raw[j * slab : (j + 1) * slab]
+                    assert int(digests[k, j]) == xxhash.xxh3_64_intdigest(piece, seed=0)
+    with h5py.File(tmp_path / "z" / "shard-00000.h5") as f:  # compressed: one digest per chunk
+        ds = f[shards.DS_RS_FRAMES]
+        raw = ds.id.read_direct_chunk((0, 0, 0, 0))[1]
+        assert f[ds.name + "_xxh3"].shape == (2, 1)
+        assert int(f[ds.name + "_xxh3"][0, 0]) == xxhash.xxh3_64_intdigest(raw, seed=0)
     assert (out / "index.json").read_text().count(
         '"reason": "missing file"'
     ) == 0  # lives in rejected.csv

@@ -57,7 +57,7 @@ COMPRESSIONS = ("none", "lzf", "gzip", *BLOSC_CODECS)
 # `--compression auto` (the build default): per modality, chosen by delivered samples/s per
 # loader worker and bytes read per sample on the realistic synthetic cohort
 # (benchmarks/compression_bench.py, docs/BENCHMARKS.md "Compression").
-DEFAULT_COMPRESSION: dict[str, str] = {"T1": "none", "rsfMRI": "blosc-zstd-bitshuffle"}
+DEFAULT_COMPRESSION: dict[str, str] = {"T1": "none", "rsfMRI": "blosc-lz4"}
 # Per-chunk digest of v2: xxh3-64, seed 0, over the chunk's bytes as stored in the file.
 DIGEST_SEED = 0
 DIGEST_SUFFIX = "_xxh3"
@@ -394,14 +394,30 @@ def _n_chunks(ds: h5py.Dataset) -> int:
     return (ds.shape[0] + step - 1) // step
 
 
+def _slabs(ds: h5py.Dataset) -> int:
+    """Digests per chunk: one per row (frame) when chunks are stored uncompressed, so a window
+    is read and checked frame by frame without reading the rest of its edge chunks; else one."""
+    return int(ds.chunks[0]) if ds.id.get_create_plist().get_nfilters() == 0 else 1
+
+
+def slab_digests(data: Any, slabs: int) -> list[int]:
+    """The v2 digests of one chunk: its stored bytes cut into ``slabs`` equal pieces, each hashed."""
+    view = memoryview(data).cast("B")
+    n = view.nbytes // slabs
+    if n * slabs != view.nbytes:
+        return [-1] * slabs  # a stored size that cannot be the writer's: never matches
+    return [chunk_digest(view[j * n : (j + 1) * n]) for j in range(slabs)]
+
+
 def _stored_digests(ds: h5py.Dataset) -> np.ndarray:
-    """xxh3-64 of every chunk's stored bytes, in chunk order along axis 0 (the v2 digests)."""
+    """The v2 digests of ``ds``: (chunks, slabs) xxh3-64 over the chunks' stored bytes."""
     step = ds.chunks[0]
     zeros = (0,) * (ds.ndim - 1)
-    out = np.empty(_n_chunks(ds), dtype="<u8")
-    for k in range(out.size):
+    slabs = _slabs(ds)
+    out = np.empty((_n_chunks(ds), slabs), dtype="<u8")
+    for k in range(out.shape[0]):
         _, data = ds.id.read_direct_chunk((k * step, *zeros))
-        out[k] = chunk_digest(data)
+        out[k] = slab_digests(data, slabs)
     return out
 
 
@@ -521,16 +537,16 @@ def chunk_problems(path: Path, version: int) -> list[str]:
                 step = ds.chunks[0] if ds.chunks else 1
                 zeros = (0,) * (ds.ndim - 1)
                 digests = f[name + DIGEST_SUFFIX][()] if version >= 2 else None
-                if digests is not None and digests.size != _n_chunks(ds):
+                if digests is not None and digests.shape != (_n_chunks(ds), _slabs(ds)):
                     problems.append(
-                        f"{path}: {name}: {digests.size} digests, {_n_chunks(ds)} chunks"
+                        f"{path}: {name}: digests {digests.shape}, {_n_chunks(ds)} chunks"
                     )
                     continue
                 for k in range(_n_chunks(ds)):
                     try:
                         if digests is not None:
                             _, data = ds.id.read_direct_chunk((k * step, *zeros))
-                            bad = chunk_digest(data) != int(digests[k])
+                            bad = slab_digests(data, digests.shape[1]) != digests[k].tolist()
                             how = "xxh3 mismatch"
                         else:
                             ds[k * step : (k + 1) * step]
@@ -597,58 +613,106 @@ def write_index(out_dir: Path, index: dict[str, Any]) -> None:
 class _ChunkReader:
     """v2 reads of one image dataset of one open shard: direct chunk read, digest, decode.
 
-    Every chunk read is checked against its stored xxh3-64 before it is decoded, so damaged
-    bytes never reach a decompressor. Uncompressed chunks are read straight into the caller's
-    array (one copy, as a raw ``pread`` makes); Blosc and gzip chunks are decoded here, straight
-    into the caller's array where a whole chunk is wanted; lzf (no decoder outside HDF5) is read
-    again through HDF5's filter after its stored bytes checked out.
+    The chunk table (file offset, stored size, filter mask per chunk) is read from HDF5 once
+    when the shard opens; after that a chunk is one ``preadv`` of its stored bytes from a plain
+    file descriptor (what ``read_direct_chunk`` does, without HDF5's per-call overhead, which
+    measured about a third of a T1 read). Every chunk is checked against its stored xxh3-64
+    before it is decoded, so damaged bytes never reach a decompressor. Uncompressed chunks land
+    straight in the caller's array (one copy, as a raw read makes); Blosc and gzip chunks are
+    decoded here, straight into the caller's array where a whole chunk is wanted; lzf (no
+    decoder outside HDF5) is read again through HDF5's filter after its stored bytes checked out.
     """
 
     def __init__(self, ds: h5py.Dataset, digests: np.ndarray, path: Path) -> None:
         self.ds = ds
-        self.id = ds.id
         self.digests = digests
         self.path = path
         self.step = int(ds.chunks[0])
         self.frame_nbytes = int(np.prod(ds.shape[1:])) * ds.dtype.itemsize
         self.chunk_nbytes = self.step * self.frame_nbytes
-        # Stored chunk upper bound: the decoded size (a filter that does not shrink a chunk
-        # is skipped by HDF5) plus a codec header.
-        self.raw_cap = self.chunk_nbytes + 4096
-        self.zeros = (0,) * (ds.ndim - 1)
+        n = _n_chunks(ds)
+        self.offsets = np.full(n, -1, dtype=np.int64)
+        self.sizes = np.zeros(n, dtype=np.int64)
+        self.masks = np.zeros(n, dtype=np.int64)
+
+        def visit(info: Any) -> None:
+            k = info.chunk_offset[0] // self.step
+            if 0 <= k < n:
+                self.offsets[k], self.sizes[k] = info.byte_offset, info.size
+                self.masks[k] = info.filter_mask
+
+        ds.id.chunk_iter(visit)
+        # Stored chunk upper bound: the decoded size (HDF5 stores a chunk unfiltered when the
+        # filter does not shrink it) plus a codec header.
+        self.raw_cap = max(self.chunk_nbytes + 4096, int(self.sizes.max(initial=0)))
         filters = ds.id.get_create_plist().get_nfilters()
         self.codec = _codec_of(ds) if filters else "none"
         if self.codec == "blosc" and blosc.nthreads != 1:
             # Loader workers are processes, one core each: decoder threads would oversubscribe.
             blosc.set_nthreads(1)
+        self.fd = os.open(path, os.O_RDONLY)
 
-    def _raw(self, k: int, buf: np.ndarray, what: str) -> tuple[int, memoryview]:
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    __del__ = close  # a dataset dropped without close() gives its descriptors back
+
+    def _pread(self, k: int, buf: np.ndarray, start: int, what: str) -> None:
+        """Stored bytes [start, start + buf.nbytes) of chunk ``k`` into ``buf``."""
         try:
-            mask, data = self.id.read_direct_chunk((k * self.step, *self.zeros), out=buf)
-        except (OSError, ValueError, KeyError) as exc:
+            got = os.preadv(self.fd, [buf], int(self.offsets[k]) + start)
+        except OSError as exc:
             raise ShardError(f"{self.path}: cannot read {self.ds.name} chunk {k} ({exc})") from exc
-        if k >= self.digests.size or chunk_digest(data) != int(self.digests[k]):
-            raise ShardCorruptError(
-                f"{self.path}: {CORRUPT} (xxh3 mismatch in {self.ds.name.lstrip('/')} "
-                f"chunk {k}, {what})"
-            )
-        return mask, data
+        if got != buf.nbytes:
+            raise ShardError(f"{self.path}: {self.ds.name} chunk {k}: file ends early ({what})")
 
-    def _decode(self, k: int, mask: int, data: memoryview, dest: np.ndarray, what: str) -> None:
+    def _corrupt(self, k: int, what: str) -> ShardCorruptError:
+        return ShardCorruptError(
+            f"{self.path}: {CORRUPT} (xxh3 mismatch in {self.ds.name.lstrip('/')} chunk {k}, {what})"
+        )
+
+    def _raw(self, k: int, buf: np.ndarray, what: str) -> np.ndarray:
+        """The stored bytes of chunk ``k`` read into ``buf`` and checked against its digests."""
+        size = int(self.sizes[k])
+        if self.offsets[k] < 0 or size > buf.nbytes:
+            raise ShardError(f"{self.path}: {self.ds.name} chunk {k} missing or {size} bytes")
+        data = buf[:size]
+        self._pread(k, data, 0, what)
+        slabs = self.digests.shape[1]
+        if slabs == 1:
+            ok = chunk_digest(data) == int(self.digests[k, 0])
+        else:
+            ok = slab_digests(data, slabs) == self.digests[k].tolist()
+        if not ok:
+            raise self._corrupt(k, what)
+        return data
+
+    def _rows_direct(self, k: int, lo: int, hi: int, dest: np.ndarray, what: str) -> None:
+        """Uncompressed chunk ``k``: only its rows [lo, hi) (dataset rows) read, straight into
+        ``dest``, each checked against its own digest: an edge chunk costs no extra bytes."""
+        if self.sizes[k] != self.chunk_nbytes or self.offsets[k] < 0:
+            raise ShardError(f"{self.path}: {self.ds.name} chunk {k}: {self.sizes[k]} bytes")
+        j0 = lo - k * self.step
+        self._pread(k, dest, j0 * self.frame_nbytes, what)
+        fb = self.frame_nbytes
+        for j in range(hi - lo):
+            if chunk_digest(dest[j * fb : (j + 1) * fb]) != int(self.digests[k, j0 + j]):
+                raise self._corrupt(k, what)
+
+    def _decode(self, k: int, data: np.ndarray, dest: np.ndarray) -> None:
         """Decode verified chunk ``k`` into ``dest`` (uint8, exactly the chunk's decoded size)."""
-        if self.codec == "none" or mask != 0:  # stored unfiltered (HDF5 skipped the filter)
+        if self.codec == "none" or self.masks[k] != 0:  # stored unfiltered
             if data.nbytes != dest.nbytes:
                 raise ShardError(f"{self.path}: {self.ds.name} chunk {k}: {data.nbytes} bytes")
-            if dest.ctypes.data != np.frombuffer(data, np.uint8).ctypes.data:
-                dest[:] = np.frombuffer(data, np.uint8)
+            if data.__array_interface__["data"][0] != dest.__array_interface__["data"][0]:
+                dest[:] = data
             return
         if self.codec == "blosc":
-            n = int.from_bytes(data[4:8], "little")  # Blosc1 header: uncompressed size
-            if (
-                n != dest.nbytes
-                or data.nbytes < 16
-                or n != blosc.decompress_ptr(data, dest.ctypes.data)
-            ):
+            n = int.from_bytes(data[4:8].tobytes(), "little")  # Blosc1 header: decoded size
+            addr = dest.__array_interface__["data"][0]
+            if data.nbytes < 16 or n != dest.nbytes or blosc.decompress_ptr(data, addr) != n:
                 raise ShardError(f"{self.path}: {self.ds.name} chunk {k}: decodes to {n} bytes")
         elif self.codec == "gzip":
             dest[:] = np.frombuffer(zlib.decompress(data), np.uint8)
@@ -660,9 +724,9 @@ class _ChunkReader:
 
     def read_chunk(self, k: int, dest: np.ndarray, scratch: np.ndarray, what: str) -> None:
         """A whole chunk (T1: one volume) into ``dest`` (uint8 view of the caller's array)."""
-        buf = dest if self.codec == "none" else scratch
-        mask, data = self._raw(k, buf, what)
-        self._decode(k, mask, data, dest, what)
+        direct = self.codec == "none" and self.masks[k] == 0
+        data = self._raw(k, dest if direct else scratch, what)
+        self._decode(k, data, dest)
 
     def read_rows(
         self, first: int, out: np.ndarray, scratch: np.ndarray, subject: str, frame0: int
@@ -676,19 +740,15 @@ class _ChunkReader:
         for k in range(first // self.step, (first + n - 1) // self.step + 1):
             lo, hi = max(first, k * self.step), min(first + n, (k + 1) * self.step)
             what = f"subject {subject} rsfMRI frames {frame0 + lo - first}..{frame0 + hi - first}"
-            whole = lo == k * self.step and hi == (k + 1) * self.step
             dest = flat[(lo - first) * self.frame_nbytes : (hi - first) * self.frame_nbytes]
-            if whole and self.codec == "none":
-                mask, data = self._raw(k, dest, what)  # straight into the caller's array
-                self._decode(k, mask, data, dest, what)
-                continue
-            mask, data = self._raw(k, raw, what)
-            if whole:
-                self._decode(k, mask, data, dest, what)
-                continue
-            self._decode(k, mask, data, decoded, what)
-            a = (lo - k * self.step) * self.frame_nbytes
-            dest[:] = decoded[a : a + dest.nbytes]
+            if self.digests.shape[1] > 1:  # uncompressed: just the rows wanted
+                self._rows_direct(k, lo, hi, dest, what)
+            elif lo == k * self.step and hi == (k + 1) * self.step:
+                self.read_chunk(k, dest, raw, what)
+            else:
+                self._decode(k, self._raw(k, raw, what), decoded)
+                a = (lo - k * self.step) * self.frame_nbytes
+                dest[:] = decoded[a : a + dest.nbytes]
 
 
 def _codec_of(ds: h5py.Dataset) -> str:
@@ -917,6 +977,8 @@ class ShardDataset:
 
     def close(self) -> None:
         if os.getpid() == self._pid:
+            for r in self._chunked.values():
+                r.close()
             for f in self._files.values():
                 f.close()
         self._files = {}
