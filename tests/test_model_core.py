@@ -26,7 +26,7 @@ from umbrella_ds.model import (
     vision_tower,
 )
 
-TOWERS = ["tiny", "tiny-clip"]
+TOWERS = ["tiny", "tiny-clip", "tiny-llava15"]
 
 
 @pytest.fixture(scope="module", params=TOWERS)

@@ -276,8 +276,9 @@ def select_template(
 
 
 def template_of(model: Any) -> ChatTemplate:
-    """The template a model was built with (build_model records it on ``model.config``)."""
-    cfg = getattr(model, "config", None)
+    """The template a model was built with (build_model records it on ``model.config``); a
+    DeepSpeed engine is asked through the module it wraps."""
+    cfg = getattr(getattr(model, "module", model), "config", None)
     name = getattr(cfg, "umbrella_chat_template", None)
     if not name:
         raise TemplateError("model records no umbrella_chat_template (not built by build_model?)")
