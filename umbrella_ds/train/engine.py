@@ -162,7 +162,7 @@ def _run(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) -
             group["lr"] = lr
         if rank == 0:
             log.info("resumed from %s at step %d", found.path, step)
-    logger = RunLogger(cfg.log, out, rank, cfg.train.max_steps, step)
+    logger = RunLogger(cfg.log, out, rank, cfg.train.max_steps, step, config=cfg.to_dict())
     _write_start(logger, denv, cfg, fingerprints, found, model)
     trainer = _Trainer(cfg, engine, sched, sampler, inputs, tokenizer, checkpointer, logger, flops)
     trainer.fingerprints = fingerprints

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from umbrella_ds.config import ConfigError, RunConfig
 from umbrella_ds.errors import UsageError
+from umbrella_ds.train import wandb_log
 
 INDEX = "index.json"  # the shard index (umbrella_ds.shards.INDEX_NAME), without importing h5py
 
@@ -39,6 +40,8 @@ def check_base(base: str | None) -> None:
 
 def check_shards(path: str, where: str) -> None:
     """A packed shard directory: ``index.json`` is there (its content is checked when opened)."""
+    if not path:
+        raise ConfigError(f"{where}: not set (a packed shard directory, umbrella-pack build --out)")
     if not (Path(path) / INDEX).is_file():
         raise ConfigError(
             f"{where}: {path} holds no {INDEX} (not a packed shard directory; "
@@ -50,6 +53,8 @@ def check_run(cfg: RunConfig) -> None:
     """What training needs to exist: shards, instruction files, the model, the DeepSpeed JSON."""
     from umbrella_ds.train.ds_setup import load_ds_json
 
+    if problem := wandb_log.problem(cfg.log.wandb_project):
+        raise ConfigError(f"log.wandb_project={cfg.log.wandb_project!r}: {problem}")
     check_shards(cfg.data.shards, "data.shards")
     for key in ("train", "eval"):
         for i, f in enumerate(getattr(cfg.data, key)):

@@ -139,7 +139,15 @@ def mfu(flops: float, seconds: float, peak: float | None, devices: int) -> float
 
 
 class RunLogger:
-    def __init__(self, cfg: LogConfig, out: Path, rank: int, total_steps: int, start_step: int):
+    def __init__(
+        self,
+        cfg: LogConfig,
+        out: Path,
+        rank: int,
+        total_steps: int,
+        start_step: int,
+        config: dict[str, Any] | None = None,  # the resolved run config, for W&B
+    ):
         self.cfg = cfg
         self.main = rank == 0
         self.tb = None
@@ -154,15 +162,10 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
-        if cfg.wandb_project and os.environ.get("WANDB_API_KEY"):
-            try:
-                import wandb
-            except ImportError:
-                log.warning(
-                    "log.wandb_project is set but wandb is not installed: not logging to W&B"
-                )
-            else:
-                self.wandb = wandb.init(project=cfg.wandb_project, dir=str(out), resume="allow")
+        if cfg.wandb_project:  # train/preflight.py checked it can log (wandb_log.problem)
+            from umbrella_ds.train import wandb_log
+
+            self.wandb = wandb_log.start(cfg.wandb_project, out, config)
         if cfg.progress:
             from tqdm import tqdm
 
