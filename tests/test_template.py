@@ -6,13 +6,21 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from test_data_common import REPO, SUBJECT_A, t1_task, t3_task, tiny_tokenizer, write_jsonl
-from test_train_support import base_sets, check, losses_by_step, run_train, train_data  # noqa: F401
+from test_train_support import (  # noqa: F401  (train_data: fixture)
+    BIN,
+    base_sets,
+    check,
+    losses_by_step,
+    run_train,
+    train_data,
+)
 
 from umbrella_ds.data import (
     IGNORE_INDEX,
@@ -281,7 +289,6 @@ def test_template_strings_live_only_in_the_template_module():
 
 
 def test_tokenizer_generator_reproduces_the_committed_files(tmp_path):
-    import subprocess
     import sys
 
     script = PRESETS_DIR / "make_tiny_llava15_tokenizer.py"
@@ -365,3 +372,19 @@ def test_tiny_llava15_trains_and_evaluates(train_data, tmp_path):  # noqa: F811
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 4 and all(isinstance(p["answer"], str) for p in preds)
+
+    # Export, then umbrella-infer on the raw scan of an evaluated subject: the same answer, so
+    # infer renders and stops as evaluation does.
+    from umbrella_ds.infer import infer
+
+    export = tmp_path / "export"
+    proc = subprocess.run([BIN / "umbrella-export", out, "--out", export], capture_output=True,
+                          text=True, timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    raw = train_data / "raw"
+    lines = (raw / "instructions" / "t1_sex_eval.jsonl").read_text().splitlines()
+    by_id = {p["task_id"]: p["answer"] for p in preds}
+    task = next(t for t in map(json.loads, lines) if t["task_id"] in by_id)
+    prompt = task["conversations"][0]["content"][1]["text"]
+    got = infer(export, prompt, [("T1", raw / task["images"][0]["path"])])
+    assert got["answer"] == by_id[task["task_id"]]
