@@ -8,9 +8,9 @@ boundaries, so concatenating the turns gives the same ids as tokenizing the whol
 from the content; a token that crosses that boundary (a BPE merge of header and answer) is refused,
 because the labels would then not be exactly the answer.
 
-Supervision, for every template: only assistant reply tokens and that turn's end token
-(``<|im_end|>``, ``</s>``); headers, separators, the newline after ``<|im_end|>``, a leading
-``<s>``, system and user turns, and image tokens are -100.
+Supervision, for every template: only assistant reply tokens and that turn's end token (the
+template's turn end); role headers, separators, what follows the turn end (ChatML's newline), a
+leading bos, system and user turns, and image tokens are -100.
 
 Images: an image stands where it stands in the content, as the template's image token, and
 becomes `tokens_per_image[modality]` copies of its id (the count comes from the model's patch
