@@ -5,8 +5,10 @@
 # returns, so a step in the foreground would hold back the forwarded signal until training ended.
 
 # Exit statuses of the trainer (docs/OPERATIONS.md): 0 finished, 75 stopped after a complete
-# checkpoint (EX_TEMPFAIL: requeue), anything else failed.
+# checkpoint (EX_TEMPFAIL: requeue), 2 a user error (config, data, paths), anything else failed.
 readonly UMBRELLA_EXIT_STOPPED=75
+# 2: a user error (umbrella_ds/errors.py): one "error: WHERE: WHAT" line from rank 0, no traceback.
+readonly UMBRELLA_EXIT_USER_ERROR=2
 
 umbrella_log() { echo "umbrella[$(date +%H:%M:%S) job ${SLURM_JOB_ID:-?}]: $*" >&2; }
 
@@ -221,6 +223,11 @@ umbrella_finish() {
 		umbrella_log "training stopped after a complete checkpoint: requeueing (restart $((RESTART_COUNT + 1)) of at most $MAX_REQUEUES)"
 		scontrol requeue "$SLURM_JOB_ID" || umbrella_die "scontrol requeue $SLURM_JOB_ID failed (is JobRequeue=1 or --requeue set?); resubmit to resume"
 		exit 0
+	fi
+	if ((rc == UMBRELLA_EXIT_USER_ERROR)); then
+		# Every rank found the same mistake in what it was given; rank 0 printed it once.
+		umbrella_log "training refused to start: a user error (exit status 2); the 'error:' line above names the config key, file or flag to fix; not requeueing"
+		exit "$rc"
 	fi
 	umbrella_report_failure "$rc"
 	exit "$rc"
