@@ -27,7 +27,9 @@ llava-1.5 was fine-tuned with (haotian-liu/LLaVA ``scripts/v1_5/finetune.sh``: `
 ``SeparatorStyle.TWO`` with ``sep=" "``, ``sep2="</s>"``; the prompt is
 ``system + " " + "USER: " + q + " " + "ASSISTANT: " + a + "</s>" + "USER: " ...``, generation
 prompt ``"ASSISTANT:"``) after the ``<s>`` the Llama tokenizer puts first. transformers'
-LlavaProcessor chat template for llava-hf/llava-1.5-7b-hf writes the same headers
+LlavaProcessor chat template for llava-hf/llava-1.5-7b-hf (as quoted in transformers'
+tests/models/llava/test_processing_llava.py; the prompt in modeling_llava.py's docstring is
+``"USER: <image>\\nWhat's the content of the image? ASSISTANT:"``) writes the same headers
 (``message['role'].upper() + ': '``, each image as ``'<image>\\n'`` before the text,
 ``add_generation_prompt`` -> ``'ASSISTANT:'``), without the system prompt and ``</s>`` the
 model was trained with; we follow the training format::
@@ -35,7 +37,10 @@ model was trained with; we follow the training format::
     <s>A chat between ... user's questions. USER: <image>\\n{q} ASSISTANT: {a}</s>USER: ...
 
 Supervised: `` {a}</s>`` (the space is SentencePiece's word-start of the first answer token,
-``▁male``, which the model must generate after ``ASSISTANT:``). Stop ``</s>``.
+``▁male``, which the model must generate after ``ASSISTANT:``). Stop ``</s>``. One known
+difference from LLaVA's own ids: it tokenized the text between images separately, so
+SentencePiece put a ``▁`` (Llama id 29871) after each image, before its ``\\n``; transformers 5's
+Llama tokenizer (Metaspace, prefix only at the start of a call) does not, and we tokenize with it.
 """
 
 from __future__ import annotations
