@@ -11,6 +11,12 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from test_train_support import (
+    base_sets,
+    check,
+    run_train,
+    train_data,  # noqa: F401  (fixture)
+)
 
 from umbrella_ds.config import CheckpointConfig, ConfigError, RunConfig
 from umbrella_ds.train.checkpoint import Checkpointer
@@ -81,3 +87,23 @@ def test_unknown_task_is_refused_before_training():
     _check_keep_best_task(cfg, _inputs("t1_sex", "t3_sex"))  # known task: accepted
     cfg.checkpoint.keep_best = "accuracy"
     _check_keep_best_task(cfg, _inputs("t1_sex"))  # the mean: no task to check
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_evaluations_between_checkpoints_still_keep_a_best(train_data, tmp_path):  # noqa: F811
+    """eval.every_steps=3 with checkpoint.every_steps=2: the step-3 evaluation has no scheduled
+    checkpoint to record, so with keep_best set the engine saves one first (it used to record no
+    best at all, silently)."""
+    out = tmp_path / "run"
+    sets = base_sets(
+        train_data, out,
+        **{"train.max_steps": 4, "train.global_batch": 2, "train.micro_batch": 2,
+           "train.bf16": "false", "checkpoint.every_steps": 2, "checkpoint.keep_last": 1,
+           "checkpoint.keep_best": "loss", "eval.every_steps": 3, "eval.at_end": "false",
+           "eval.max_new_tokens": 2, "eval.max_samples": 2},
+    )  # fmt: skip
+    check(run_train(1, sets, timeout=240))
+    ckpts = out / "checkpoints"
+    assert _best(ckpts)[0] == "step-0000003"
+    assert (ckpts / "step-0000003" / "meta.json").is_file()  # kept as the best, past keep_last

@@ -27,7 +27,8 @@ class Case:
     name: str
     data: str  # t1 | rsfmri | mixed | t3_cross (files written by the fixture, see TRAIN_FILES)
     zero: str  # zero1 | zero2 | zero3 (zero3: every parameter partitioned, see ds_json)
-    preset: str = "tiny"  # tiny: SigLIP-style tower; tiny-clip: CLIP-style tower
+    preset: str = "tiny"  # tiny: SigLIP tower, ChatML; tiny-clip: CLIP tower; tiny-llava15: CLIP
+    # tower, Llama LM and llava-1.5's USER/ASSISTANT template with a tokenizer of its own
     checkpointing: bool = False  # activation checkpointing of both towers
 
 
@@ -40,6 +41,10 @@ CASES = [
     Case("t3cross-zero3-siglip", "t3_cross", "zero3"),
     Case("t1-zero2-siglip", "t1", "zero2"),
     Case("rsfmri-zero3-clip", "rsfmri", "zero3", preset="tiny-clip"),
+    Case("mixed-zero2-llava15", "mixed", "zero2", preset="tiny-llava15"),
+    Case(
+        "t3cross-zero3-llava15-ckpt", "t3_cross", "zero3", preset="tiny-llava15", checkpointing=True
+    ),
 ]
 
 # instruction files under the fixture's instructions/ folder (written by conftest.py)

@@ -23,6 +23,7 @@ from transformers import (
     AutoTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 from transformers.initialization import no_init_weights
@@ -43,6 +44,7 @@ from umbrella_ds.model.patch_embed import ModalitySpec, parse_modalities
 from umbrella_ds.model.presets import get_preset, list_presets
 
 log = logging.getLogger(__name__)
+InitPath = Literal["whole", "zero3"]
 PATCH_EMBED_STREAM = 7919  # seed offset of the patch embedding's initialisation (see build_model)
 
 # Modalities used when a local directory does not record its own (config.mri_modalities).
@@ -79,6 +81,7 @@ def build_model(
     activation_checkpointing: tuple[bool, bool] = (False, False),
     seed: int | None = None,
     attn_implementation: str = "sdpa",
+    init_path: InitPath = "whole",
 ) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase | None]:
     """Build the patched LLaVA and its tokenizer.
 
@@ -91,6 +94,11 @@ def build_model(
         the spliced patch embedding is created inside it too.
     activation_checkpointing: (vision tower, language model), non-reentrant.
     seed: seeds the random initialisation without touching the caller's global RNG state.
+    init_path: how a random init draws the frozen base. "whole" is transformers' ordinary path;
+        "zero3" is the path a partitioned build takes (modules constructed without init, then
+        initialised module by module, as `initialize_weights_zero3` does on rank 0), which draws
+        other values from the same seed. `zero3_init` implies "zero3"; passing it without
+        DeepSpeed rebuilds, on one process, the base a ZeRO-3 run trained on (export, eval).
 
     Returns (model, tokenizer). The tokenizer is None for real architectures built randomly
     from a preset (their tokenizer ships with their weights; benchmarks feed token ids).
@@ -143,12 +151,15 @@ def build_model(
     # under our zero3_init, do what HF does: skip per-module init on the (empty) partitions,
     # then initialise module by module on gathered parameters.
     manual_zero3 = zero3_init is not None and init == "random" and not is_deepspeed_zero3_enabled()
+    if init_path not in ("whole", "zero3"):
+        raise ValueError(f"init_path must be 'whole' or 'zero3', got {init_path!r}")
+    replay_zero3 = init == "random" and init_path == "zero3" and zero3_init is None
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     with rng:
         if seed is not None:
             torch.manual_seed(seed)
         with contextlib.ExitStack() as stack:
-            if manual_zero3:
+            if manual_zero3 or replay_zero3:
                 stack.enter_context(no_init_weights())
                 stack.enter_context(prevent_arange_dtype_change())
             if zero3_init is not None and (manual_zero3 or init == "random"):
@@ -165,6 +176,8 @@ def build_model(
                 model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
         if manual_zero3:
             initialize_weights_zero3(model)
+        elif replay_zero3:
+            _initialize_weights_as_zero3(model)
         if seed is not None:
             # The trainable initialisation depends on the seed alone, not on how many random
             # numbers building the base model drew (that differs between loading whole and
@@ -180,6 +193,31 @@ def build_model(
     _, table = parameter_table(model)
     log.info("model %s (%s init), parameters:\n%s", source, init, table)
     return model, tokenizer
+
+
+def random_init_path(zero3: bool, init: str) -> InitPath:
+    """The init path a training run's frozen base is drawn by (recorded in its checkpoints)."""
+    return "zero3" if zero3 and init == "random" else "whole"
+
+
+def _initialize_weights_as_zero3(model: PreTrainedModel) -> None:
+    """transformers' `initialize_weights_zero3` on one process: the same module order and the same
+    `_initialize_weights` calls, on whole tensors instead of gathered partitions, so the same seed
+    draws the same values as rank 0 did in a partitioned build (tests/test_model_zero3.py)."""
+    from transformers.initialization import guard_torch_init_functions
+
+    is_remote_code = model.is_remote_code()
+
+    def apply(module: torch.nn.Module, fn: Callable) -> None:
+        for child in module.children():
+            if isinstance(child, PreTrainedModel):
+                apply(child, child._initialize_weights)
+            else:
+                apply(child, fn)
+        fn(module, is_remote_code)
+
+    with torch.no_grad(), guard_torch_init_functions():
+        apply(model, model._initialize_weights)
 
 
 def count_parameters(source: str, *, patched: bool = False) -> int:

@@ -36,10 +36,12 @@ from umbrella_ds.model import (
     projector,
     vision_tower,
 )
+from umbrella_ds.model.build import random_init_path
 from umbrella_ds.provenance import write_provenance
 from umbrella_ds.shards import open_dataset
 from umbrella_ds.train import checkpoint as ckpt
 from umbrella_ds.train import ds_setup, env, signals
+from umbrella_ds.train.base_weights import base_weights_sha256, check_base
 from umbrella_ds.train.evaluate import evaluate, task_name
 from umbrella_ds.train.inputs import (
     Inputs,
@@ -131,6 +133,18 @@ def _run(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) -
             ),
             seed=cfg.train.seed,
         )
+    # The frozen base as this run sees it (gathered under ZeRO-3): saved with every checkpoint,
+    # so export and evaluation can refuse a rebuild that is not the base the run trained on.
+    base = {
+        "weights_sha256": base_weights_sha256(model),
+        "init_path": random_init_path(zero3, cfg.model.init_kind),
+    }
+    if found:
+        check_base(
+            found.meta.get("base", {}).get("weights_sha256"), base["weights_sha256"],
+            what=str(found.path), source=cfg.model.source,
+            hint="resume with the base the checkpoint was trained on, or start a new output_dir",
+        )  # fmt: skip
     if cfg.train.compile == "blocks":
         n_blocks = compile_blocks(model, zero3=zero3)
         if rank == 0:
@@ -165,7 +179,7 @@ def _run(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) -
     logger = RunLogger(cfg.log, out, rank, cfg.train.max_steps, step, config=cfg.to_dict())
     _write_start(logger, denv, cfg, fingerprints, found, model)
     trainer = _Trainer(cfg, engine, sched, sampler, inputs, tokenizer, checkpointer, logger, flops)
-    trainer.fingerprints = fingerprints
+    trainer.fingerprints, trainer.base = fingerprints, base
     trainer.device, trainer.rank, trainer.world, trainer.all_mods = device, rank, world, all_mods
     try:
         return trainer.loop(step)
@@ -327,6 +341,7 @@ class _Trainer:
             "scheduler": self.sched.state_dict(),
             "config": self.cfg.to_dict(),
             "fingerprints": self.fingerprints,
+            "base": self.base,
             "trainable": sorted(
                 n for n, p in self.engine.module.named_parameters() if p.requires_grad
             ),

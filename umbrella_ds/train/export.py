@@ -35,35 +35,15 @@ from typing import Any
 
 import torch
 
+from umbrella_ds.train.base_weights import BaseMismatchError, base_weights_sha256, check_base
+
 log = logging.getLogger(__name__)
+__all__ = ["BaseMismatchError", "export", "load_checkpoint_model", "load_trained", "trained_state"]
 
 PREFIX = "model."  # the engine wraps the HF model as LossModule.model
 EXPORT_INFO = "export.json"
 WEIGHTS = "patch_embed.safetensors"
 FORMAT = 2  # 2: + base weights sha256, preprocessing, shards fingerprint, provenance.json
-
-
-class BaseMismatchError(RuntimeError):
-    """The frozen base is not the one the patch embedding was trained with."""
-
-
-def base_weights_sha256(model: torch.nn.Module) -> str:
-    """sha256 over the frozen weights (every parameter but the patch embedding's), by name.
-
-    Each tensor is hashed with its name and shape as contiguous float32 bytes, so the value does
-    not depend on the dtype the model was built in (bf16 -> fp32 is exact).
-    """
-    from umbrella_ds.model import find_patch_embed
-
-    skip = {id(p) for p in find_patch_embed(model).parameters()}
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if id(p) in skip:
-            continue
-        t = p.detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name}:{tuple(t.shape)};".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def training_preprocessing(shards_dir: str | Path) -> tuple[dict[str, Any], str]:
@@ -98,7 +78,7 @@ def export(ckpt: str | Path, out: str | Path, shards: str | Path | None = None) 
     from safetensors.torch import save_file
 
     from umbrella_ds.config import config_from_dict
-    from umbrella_ds.model import build_model, find_patch_embed, num_image_tokens
+    from umbrella_ds.model import find_patch_embed, num_image_tokens
     from umbrella_ds.provenance import write_provenance
     from umbrella_ds.train.checkpoint import META, read_meta, resolve
 
@@ -107,12 +87,7 @@ def export(ckpt: str | Path, out: str | Path, shards: str | Path | None = None) 
     cfg = config_from_dict(meta["config"])
     preprocessing, shards_fp = training_preprocessing(shards or cfg.data.shards)
     state = trained_state(step_dir)
-    model, tokenizer = build_model(
-        cfg.model.source,
-        modalities=_modalities(cfg.model),
-        init=cfg.model.init,
-        seed=cfg.train.seed,
-    )
+    model, tokenizer, base_info = rebuild_trained_base(step_dir, meta)
     patch = find_patch_embed(model)
     prefix = _module_prefix(model, patch)
     patch_state = {
@@ -128,7 +103,7 @@ def export(ckpt: str | Path, out: str | Path, shards: str | Path | None = None) 
     save_file(patch_state, str(out / WEIGHTS))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out / "tokenizer"))
-    weights_sha = base_weights_sha256(model)
+    weights_sha = base_info["weights_sha256"]
     write_provenance(
         out,
         kind="export",
@@ -148,6 +123,7 @@ def export(ckpt: str | Path, out: str | Path, shards: str | Path | None = None) 
             "weights_sha256": weights_sha,
         },
         "init": cfg.model.init,
+        "init_path": base_info["init_path"],
         "seed": cfg.train.seed,
         "modalities": _modalities(cfg.model),
         "tokens_per_image": {m: num_image_tokens(model, m) for m in cfg.model.modalities},
@@ -186,18 +162,20 @@ def load_trained(
     info: dict[str, Any] = json.loads((path / EXPORT_INFO).read_text())
     source = str(base) if base is not None else (info["base"]["path"] or info["base"]["preset"])
     model, tokenizer = build_model(
-        source, modalities=info["modalities"], init=info["init"], dtype=dtype, seed=info["seed"]
+        source,
+        modalities=info["modalities"],
+        init=info["init"],
+        dtype=dtype,
+        seed=info["seed"],
+        init_path=info.get("init_path", "whole"),
     )
-    want = info["base"].get("weights_sha256")
-    if verify_base and want:
-        got = base_weights_sha256(model)
-        if got != want:
-            trained_on = info["base"]["preset"] or info["base"]["path"]
-            raise BaseMismatchError(
-                f"base model mismatch: {path} was trained on a base ({trained_on}) whose frozen "
-                f"weights hash to {want}, but {source!r} builds weights hashing to {got}; point "
-                "--base at the base the run trained with"
-            )
+    if verify_base:
+        trained_on = info["base"]["preset"] or info["base"]["path"]
+        check_base(
+            info["base"].get("weights_sha256"), base_weights_sha256(model),
+            what=f"{path} (base {trained_on})", source=source,
+            hint="point --base at the base the run trained with",
+        )  # fmt: skip
     patch = find_patch_embed(model)
     state = load_file(str(path / WEIGHTS))
     patch.load_state_dict(state, strict=True)
@@ -209,20 +187,12 @@ def load_trained(
 
 def load_checkpoint_model(ckpt: str | Path, base: str | Path | None = None, dtype=torch.float32):
     """The patched model at a checkpoint (run dir, checkpoints dir or step dir), without
-    DeepSpeed: the base rebuilt from the run config (or ``base``), the trained fp32 weights loaded."""
-    from umbrella_ds.config import config_from_dict
-    from umbrella_ds.model import build_model
+    DeepSpeed: the base rebuilt from the run config (or ``base``) and checked against the base the
+    run trained on, the trained fp32 weights loaded."""
     from umbrella_ds.train.checkpoint import read_meta, resolve
 
     step_dir = resolve(ckpt)
-    cfg = config_from_dict(read_meta(step_dir)["config"])
-    model, tokenizer = build_model(
-        str(base) if base is not None else cfg.model.source,
-        modalities=_modalities(cfg.model),
-        init=cfg.model.init,
-        dtype=dtype,
-        seed=cfg.train.seed,
-    )
+    model, tokenizer, _ = rebuild_trained_base(step_dir, read_meta(step_dir), base, dtype)
     state = trained_state(step_dir)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     if sorted(state) != trainable:
@@ -232,6 +202,46 @@ def load_checkpoint_model(ckpt: str | Path, base: str | Path | None = None, dtyp
     model.load_state_dict(state, strict=False)
     model.eval()
     return model, tokenizer
+
+
+def rebuild_trained_base(
+    step_dir: Path,
+    meta: dict[str, Any],
+    base: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+):
+    """(model, tokenizer, base record) of a checkpoint's run, rebuilt on one process.
+
+    The base is drawn the way the run drew it (``init_path``: a ZeRO-3 random init draws other
+    values than a whole one) and must hash to what the run recorded, or BaseMismatchError names
+    both hashes. Checkpoints from before the record derive the path from the run config and are
+    not checked.
+    """
+    from umbrella_ds.config import config_from_dict
+    from umbrella_ds.model import build_model
+    from umbrella_ds.model.build import random_init_path
+    from umbrella_ds.train.ds_setup import load_ds_json, zero_stage
+
+    cfg = config_from_dict(meta["config"])
+    recorded = dict(meta.get("base") or {})
+    init_path = recorded.get("init_path") or random_init_path(
+        zero_stage(load_ds_json(cfg.train.deepspeed)) == 3, cfg.model.init_kind
+    )
+    source = str(base) if base is not None else cfg.model.source
+    model, tokenizer = build_model(
+        source,
+        modalities=_modalities(cfg.model),
+        init=cfg.model.init,
+        dtype=dtype,
+        seed=cfg.train.seed,
+        init_path=init_path,
+    )
+    rebuilt = base_weights_sha256(model)
+    check_base(
+        recorded.get("weights_sha256"), rebuilt, what=str(step_dir), source=source,
+        hint="pass --base with the base the run trained on",
+    )  # fmt: skip
+    return model, tokenizer, {"weights_sha256": rebuilt, "init_path": init_path}
 
 
 def _modalities(model_cfg) -> dict[str, dict[str, list[int]]]:
