@@ -102,4 +102,4 @@ def test_cli_without_a_cap_stops_at_max_micro_batch_and_rejects_bad_arguments():
     assert [mb for mb, ok, _ in _rows(proc.stdout) if ok] == [1, 2, 4]
     assert "largest micro-batch that fits: 4" in proc.stdout
     bad = _finder("--max-micro-batch", "0")
-    assert bad.returncode == 2 and "--max-micro-batch must be >= 1" in bad.stderr
+    assert bad.returncode == 2 and "error: --max-micro-batch: must be >= 1" in bad.stderr
