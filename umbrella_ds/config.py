@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
+from umbrella_ds import modality
 from umbrella_ds.errors import UserError
 
 DS_STAGES = ("zero1", "zero2", "zero3", "zero3_offload")
@@ -40,15 +41,20 @@ class ModalityConfig:
     patch: list[int]
 
     def check(self, key: str) -> None:
-        if len(self.size) != len(self.patch):
+        """The size/patch rules of ``umbrella_ds.modality.grid_problems``, worded with the key."""
+        problems = modality.grid_problems(self.size, self.patch)
+        if "length" in problems:
             raise ConfigError(f"{key}: size {self.size} and patch {self.patch} differ in length")
-        if len(self.size) not in (3, 4):
-            raise ConfigError(f"{key}.size: expected 3 (T1) or 4 (rsfMRI) numbers, got {self.size}")
-        for s, p in zip(self.size, self.patch):
-            if p <= 0 or s <= 0 or p > s:
-                raise ConfigError(
-                    f"{key}: patch {self.patch} must be positive and no larger than size {self.size}"
-                )
+        if "ndim" in problems:
+            kinds = " or ".join(
+                f"{n} ({', '.join(m.name for m in modality.all() if m.ndim == n)})"
+                for n in (modality.VOLUME, modality.SERIES)
+            )
+            raise ConfigError(f"{key}.size: expected {kinds} numbers, got {self.size}")
+        if problems & {"nonpositive", "too_big"}:
+            raise ConfigError(
+                f"{key}: patch {self.patch} must be positive and no larger than size {self.size}"
+            )
         # A patch that does not divide the size is accepted (the predecessor's 10^3 on 96^3): the
         # patch embedding floors, as Conv3d does, and warns how many voxels per axis go unseen.
 
@@ -83,7 +89,7 @@ class ModelConfig:
     path: str | None = None
     init: Literal["random", "pretrained"] | None = None
     modalities: dict[str, ModalityConfig] = field(
-        default_factory=lambda: {"T1": ModalityConfig([32, 32, 32], [8, 8, 8])}
+        default_factory=lambda: {modality.T1.name: ModalityConfig([32, 32, 32], [8, 8, 8])}
     )
     checkpointing: TowerCheckpointing = field(default_factory=TowerCheckpointing)
 
@@ -381,10 +387,11 @@ def validate(cfg: RunConfig) -> None:
     if not cfg.model.modalities:
         raise ConfigError("model.modalities: at least one modality is needed")
     for name, spec in cfg.model.modalities.items():
-        if name not in ("T1", "rsfMRI"):
-            raise ConfigError(f"model.modalities.{name}: unknown modality (T1, rsfMRI)")
+        if not modality.is_known(name):
+            known = ", ".join(modality.names())
+            raise ConfigError(f"model.modalities.{name}: unknown modality ({known})")
         spec.check(f"model.modalities.{name}")
-        want = 3 if name == "T1" else 4
+        want = modality.get(name).ndim
         if len(spec.size) != want:
             raise ConfigError(
                 f"model.modalities.{name}.size: expected {want} numbers, got {spec.size}"

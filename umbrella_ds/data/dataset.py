@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from umbrella_ds import modality as modality_table
+
 from .instructions import Task
 from .render import EvalSample, RenderedSample, Renderer, SampleTooLongError
 
@@ -45,6 +47,11 @@ def _open_shards(path: Path):
     from umbrella_ds.shards import open_dataset  # imported late: only processes that read need it
 
     return open_dataset(path)
+
+
+def _windowed(name: str) -> bool:
+    """A series modality (the table says): items read a window of frames, not the whole image."""
+    return modality_table.get(name).dataset_read == "window"
 
 
 class InstructionDataset:
@@ -135,7 +142,7 @@ class InstructionDataset:
             counts = [
                 self._num_windows(reader.num_frames(im.subject_id), im.subject_id, task)
                 for im in task.images
-                if im.modality == "rsfMRI"
+                if _windowed(im.modality)
             ]
             n = min(counts) if counts else 1
             items.extend((t, k) for k in range(n))
@@ -177,9 +184,9 @@ class InstructionDataset:
         images: list[tuple[str, np.ndarray]] = []
         starts: list[int | None] = []
         for im in task.images:
-            if im.modality == "rsfMRI":
+            if _windowed(im.modality):
                 start = self.window_start(task, im.subject_id, window, rng)
-                arr = self.shards.read_window(im.subject_id, "rsfMRI", start, self.rsfmri_length)
+                arr = self.shards.read_window(im.subject_id, im.modality, start, self.rsfmri_length)
                 starts.append(start)
             else:
                 arr = self.shards.read(im.subject_id, im.modality)

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from umbrella_ds import modality as modality_table
 from umbrella_ds.errors import UserError
 
 IMAGE_PLACEHOLDER = "<image>"
 
-_MODALITY_ALIASES = {"t1": "T1", "smri": "T1", "fmri": "rsfMRI", "rsfmri": "rsfMRI"}
 _ROLE_ALIASES = {
     "user": "user",
     "human": "user",
@@ -90,11 +90,13 @@ class Task:
 
 
 def normalize_modality(name: str) -> str:
-    """Map the predecessor's modality names (sMRI/T1, fMRI/rsfMRI) to ours; KeyError if unknown."""
-    key = str(name).strip().lower()
-    if key not in _MODALITY_ALIASES:
-        raise KeyError(name)
-    return _MODALITY_ALIASES[key]
+    """Map the predecessor's modality names (sMRI/T1, fMRI/rsfMRI) to ours; KeyError if unknown.
+
+    The spellings are the modality table's (``umbrella_ds.modality``), case-insensitive."""
+    try:
+        return modality_table.get(name).name
+    except modality_table.UnknownModalityError:
+        raise KeyError(name) from None
 
 
 def subject_from_path(path: str) -> str:
@@ -191,7 +193,8 @@ class _TaskParser:
         try:
             return normalize_modality(name)
         except KeyError:
-            raise self.fail(f"unknown modality {name!r} (known: sMRI, T1, fMRI, rsfMRI)") from None
+            known = ", ".join(modality_table.spellings())
+            raise self.fail(f"unknown modality {name!r} (known: {known})") from None
 
     def declared_images(self) -> list[_Placeholder] | None:
         """Task-level image list (current form) or modality_paths (older form), if any."""

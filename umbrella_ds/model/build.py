@@ -33,6 +33,7 @@ from transformers.integrations.deepspeed import (
     prevent_arange_dtype_change,
 )
 
+from umbrella_ds import modality
 from umbrella_ds.data.template import select_template
 from umbrella_ds.model.llava import (
     enable_activation_checkpointing,
@@ -49,8 +50,8 @@ PATCH_EMBED_STREAM = 7919  # seed offset of the patch embedding's initialisation
 
 # Modalities used when a local directory does not record its own (config.mri_modalities).
 DEFAULT_MODALITIES = {
-    "T1": ModalitySpec(size=(32, 32, 32), patch=(8, 8, 8)),
-    "rsfMRI": ModalitySpec(size=(32, 32, 32, 8), patch=(8, 8, 8, 4)),
+    modality.T1.name: ModalitySpec(size=(32, 32, 32), patch=(8, 8, 8)),
+    modality.RSFMRI.name: ModalitySpec(size=(32, 32, 32, 8), patch=(8, 8, 8, 4)),
 }
 
 

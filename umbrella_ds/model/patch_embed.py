@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from umbrella_ds.modality import grid_problems, patch_branch
+
 
 @dataclass(frozen=True)
 class ModalitySpec:
@@ -35,16 +37,17 @@ class ModalitySpec:
         size, patch = tuple(int(s) for s in self.size), tuple(int(p) for p in self.patch)
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "patch", patch)
-        if len(size) not in (3, 4):
+        problems = grid_problems(size, patch)  # the one home of the size/patch rules
+        if "ndim" in problems:
             raise ValueError(
                 f"ModalitySpec.size must have 3 (D,H,W) or 4 (D,H,W,T) dims, got {size}"
             )
-        if len(patch) != len(size):
+        if "length" in problems:
             raise ValueError(f"ModalitySpec.patch {patch} must have as many dims as size {size}")
-        if any(s <= 0 for s in size) or any(p <= 0 for p in patch):
+        if "nonpositive" in problems:
             raise ValueError(f"ModalitySpec sizes must be positive: size={size}, patch={patch}")
-        big = [(s, p) for s, p in zip(size, patch) if p > s]
-        if big:
+        if "too_big" in problems:
+            big = [(s, p) for s, p in zip(size, patch) if p > s]
             raise ValueError(
                 f"ModalitySpec patch {patch} is larger than size {size} (offending size/patch: {big})"
             )
@@ -76,8 +79,13 @@ class ModalitySpec:
         return math.prod(self.grid)
 
     @property
+    def branch(self) -> str:
+        """``conv3d`` or ``blocks4d``: decided by the modality table from the number of dims."""
+        return patch_branch(len(self.size))
+
+    @property
     def is_series(self) -> bool:
-        return len(self.size) == 4
+        return self.branch == "blocks4d"
 
     def to_dict(self) -> dict[str, list[int]]:
         return {"size": list(self.size), "patch": list(self.patch)}
@@ -117,7 +125,7 @@ class MRIPatchEmbed(nn.Module):
         self.embed_dim = int(embed_dim)
         self.proj = nn.ModuleDict()
         for name, spec in self.specs.items():
-            if spec.is_series:
+            if spec.branch == "blocks4d":
                 self.proj[name] = nn.Linear(math.prod(spec.patch), self.embed_dim)
             else:
                 self.proj[name] = nn.Conv3d(
@@ -214,7 +222,7 @@ class MRIPatchEmbed(nn.Module):
         weight_dtype = next(proj.parameters()).dtype
         n = pixel_values.shape[0]
         x = pixel_values.to(weight_dtype).reshape(n, *spec.size)
-        if spec.is_series:
+        if spec.branch == "blocks4d":
             gd, gh, gw, gt = spec.grid
             pd, ph, pw, pt = spec.patch
             if any(spec.dropped):  # Conv3d's floor for the 4D blocks: trailing voxels unseen

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from umbrella_ds import modality as modality_table
 from umbrella_ds.config import ConfigError, DataConfig, ModelConfig
 from umbrella_ds.data import (
     InstructionDataset,
@@ -56,8 +57,7 @@ def build_inputs(data: DataConfig, model_cfg: ModelConfig, model, tokenizer, see
     tokens = {m: num_image_tokens(model, m) for m in mods}
     template = template_of(model)
     renderer = Renderer(tokenizer, tokens, data.max_length, data.overflow, template=template)
-    rsfmri = model_cfg.modalities.get("rsfMRI")
-    rsfmri_length = rsfmri.size[3] if rsfmri else 1
+    rsfmri_length = modality_table.window_length(model_cfg.modalities)
     available = set(shards.subjects)
 
     def dataset(files: list[str], train: bool) -> InstructionDataset:
