@@ -73,6 +73,11 @@ def test_only_rank_0_prints_unless_debugging(capsys, monkeypatch):
     assert capsys.readouterr().err == ""
     errors.report(exc, debug=True)
     assert capsys.readouterr().err.rstrip().endswith("[rank 1] error: --x: bad")
+    # mpirun inside a SLURM allocation: the MPI rank wins over the daemon's SLURM_PROCID.
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    assert errors.process_rank() == 3
 
 
 # ---------------------------------------------------------------- umbrella-train
@@ -141,6 +146,10 @@ def test_errors_raised_while_reading_data_are_user_errors(tmp_path):
     assert isinstance(missing.value, errors.UserError)
     assert str(missing.value).startswith("data.missing_subjects: 1 task(s)")
     assert "set data.missing_subjects=skip" in str(missing.value)
+    from umbrella_ds.train.checkpoint import find
+
+    with pytest.raises(errors.UserError, match=rf"^{tmp_path / 'nope'}: not a checkpoint"):
+        find(str(tmp_path / "nope"), tmp_path / "checkpoints")  # --resume PATH
     with pytest.raises(LeakageError) as leak:
         check_no_overlap([task], [task], allow=False)
     assert isinstance(leak.value, errors.UserError) and "data.allow_overlap" in str(leak.value)

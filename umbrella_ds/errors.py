@@ -35,8 +35,9 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 DEBUG_ENV = "UMBRELLA_DEBUG"
 DEBUG_FLAG = "--debug"
-# Where the launchers put the global rank (train/env.py discovers the same ones).
-_RANK_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+# Where the launchers put the global rank. MPI's own before SLURM's: ranks that mpirun starts
+# inside an allocation (launch/pack.sbatch) inherit SLURM_PROCID from their node's daemon.
+_RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
 
 
 class UserError(Exception):
