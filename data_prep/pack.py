@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_prep.preprocess import make_params, rsfmri_from_source, t1_from_source
-from data_prep.readers import InputRejected, read_rsfmri, read_t1
+from data_prep.preprocess import from_source, make_params_for, read_source
+from data_prep.readers import InputRejected
+from umbrella_ds import modality as modality_table
 from umbrella_ds import shards
 from umbrella_ds.errors import UserError
 from umbrella_ds.provenance import write_provenance
@@ -67,6 +69,9 @@ class BuildOptions:
     rsfmri_size: tuple[int, int, int] = (96, 96, 96)
     t1_norm: str = "zscore"
     rsfmri_norm: str = "znorm_minback"
+    # Per modality name (any in the modality table); these win over the t1_/rsfmri_ fields.
+    sizes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    norms: dict[str, str] = field(default_factory=dict)
     subjects_per_shard: int = 32
     workers: int = 1
     mpi: bool = False
@@ -75,6 +80,15 @@ class BuildOptions:
     progress: bool = True
     dry_run: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def size_of(self, name: str) -> tuple[int, int, int]:
+        """Target grid of a modality: ``sizes``, else its ``<option>_size`` field, else its default."""
+        m = modality_table.get(name)
+        return tuple(self.sizes.get(name) or getattr(self, m.size_dest, m.default_size))
+
+    def norm_of(self, name: str) -> str:
+        m = modality_table.get(name)
+        return self.norms.get(name) or getattr(self, m.norm_dest, m.default_norm)
 
 
 def parse_value(text: str) -> Any:
@@ -104,20 +118,22 @@ def read_manifest(path: Path, modalities: list[str] | None) -> tuple[list[Row], 
         raise UsageError(
             f"manifest {path}: needs a subject_id or subjectkey column (has {columns})"
         )
-    available = [m for m in shards.MODALITIES if m in columns]
+    known = modality_table.all()
+    column = {m.name: m.manifest_column for m in known}
+    available = [m.name for m in known if m.manifest_column in columns]
     if modalities is None:
         modalities = available
-    unknown = [m for m in modalities if m not in shards.MODALITIES]
+    unknown = [m for m in modalities if m not in column]
     if unknown:
-        raise UsageError(f"unknown modality {unknown}; choose from {list(shards.MODALITIES)}")
-    missing = [m for m in modalities if m not in columns]
+        raise UsageError(f"unknown modality {unknown}; choose from {list(column)}")
+    missing = [m for m in modalities if column[m] not in columns]
     if missing:
         raise UsageError(
             f"manifest {path}: missing column(s) {missing} for the requested modalities"
         )
     if not modalities:
-        raise UsageError(f"manifest {path}: no image column (T1 or rsfMRI)")
-    pheno_cols = [c for c in columns if c not in ID_COLUMNS and c not in shards.MODALITIES]
+        raise UsageError(f"manifest {path}: no image column ({' or '.join(column.values())})")
+    pheno_cols = [c for c in columns if c not in ID_COLUMNS and c not in column.values()]
     base = path.resolve().parent
     rows: list[Row] = []
     seen: dict[str, int] = {}
@@ -133,7 +149,7 @@ def read_manifest(path: Path, modalities: list[str] | None) -> tuple[list[Row], 
         seen[sid] = line
         paths = {}
         for m in modalities:
-            cell = (rec.get(m) or "").strip()
+            cell = (rec.get(column[m]) or "").strip()
             paths[m] = str(base / cell) if cell and not os.path.isabs(cell) else cell
         pheno = {c: parse_value(rec.get(c) or "") for c in pheno_cols}
         rows.append(Row(i, sid, paths, pheno))
@@ -165,12 +181,8 @@ def _process_subject(
         if not path:
             continue  # not listed: the subject simply lacks this modality (recorded by absence)
         try:
-            if m == "T1":
-                src = read_t1(Path(path))
-                arr, extra = t1_from_source(src, params)
-            else:
-                src = read_rsfmri(Path(path))
-                arr, extra = rsfmri_from_source(src, params)
+            src = read_source(m, Path(path))
+            arr, extra = from_source(m, src, params)
         except InputRejected as exc:
             rejected.append((m, path, exc.reason))
             continue
@@ -423,11 +435,8 @@ def build(opts: BuildOptions) -> int:
     rows, modalities = read_manifest(opts.manifest, opts.modalities)
     compressions = shards.resolve_compression(opts.compression, modalities)
     try:
-        params = make_params(
-            opts.t1_size if "T1" in modalities else None,
-            opts.rsfmri_size if "rsfMRI" in modalities else None,
-            opts.t1_norm,
-            opts.rsfmri_norm,
+        params = make_params_for(
+            {m: opts.size_of(m) for m in modalities}, {m: opts.norm_of(m) for m in modalities}
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -463,31 +472,75 @@ def _run_local(
     args = (opts.out, modalities, params, opts.compression, opts.resume)
     global _progress_sink
     with bar:
-        if opts.workers == 1:
-            _progress_sink = update
-            try:
+        _progress_sink = update
+        try:
+            if opts.workers == 1 or len(jobs) == 1:
                 for job in jobs:
                     record, kept = run_shard(job, *args)
                     records.append(record)
                     reused += kept
-            finally:
-                _progress_sink = None
-        else:
-            ctx = mp.get_context("spawn")  # h5py/torch state never crosses a fork
-            queue = ctx.Queue()
-            with ProcessPoolExecutor(
-                opts.workers, mp_context=ctx, initializer=_worker_init, initargs=(queue,)
-            ) as pool:
-                pending = {pool.submit(run_shard, job, *args) for job in jobs}
-                while pending:
-                    done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    _drain(queue, update)
-                    for fut in done:
-                        record, kept = fut.result()
-                        records.append(record)
-                        reused += kept
-            _drain(queue, update)
+            else:
+                reused = _run_pool(opts.workers, jobs, args, records, update)
+        finally:
+            _progress_sink = None
     return records, reused
+
+
+def _run_pool(
+    workers: int,
+    jobs: list[ShardJob],
+    args: tuple[Any, ...],
+    records: list[shards.ShardRecord],
+    update: Callable[[int], None],
+) -> int:
+    """``workers`` processes build the shards: ``workers - 1`` spawned helpers and this one.
+
+    Why the coordinator works too: a spawned helper needs seconds to import torch before its
+    first shard (measured: 2.8 s on the 2-core VM), and the coordinator, which has everything
+    imported, would otherwise sit idle collecting results. It builds shards from the back of
+    the list while helpers take them from the front, and between its own shards hands helpers
+    new ones (each helper has one running and one queued, so none waits on the coordinator).
+    Every process runs one intra-op thread: K workers on K cores, no oversubscription. A shard
+    is still built start to finish by one process, so the bytes never depend on the count.
+    """
+    import torch
+
+    ctx = mp.get_context("spawn")  # h5py/torch state never crosses a fork
+    queue = ctx.Queue()
+    helpers = workers - 1
+    todo = deque(jobs)
+    reused = 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ProcessPoolExecutor(
+            helpers, mp_context=ctx, initializer=_worker_init, initargs=(queue,)
+        ) as pool:
+            pending: set[Any] = set()
+
+            def refill() -> None:
+                while todo and len(pending) < 2 * helpers:
+                    pending.add(pool.submit(run_shard, todo.popleft(), *args))
+
+            refill()
+            while todo or pending:
+                if todo:
+                    record, kept = run_shard(todo.pop(), *args)
+                    records.append(record)
+                    reused += kept
+                done, pending = wait(
+                    pending, timeout=0 if todo else 0.5, return_when=FIRST_COMPLETED
+                )
+                _drain(queue, update)
+                for fut in done:
+                    record, kept = fut.result()
+                    records.append(record)
+                    reused += kept
+                refill()
+        _drain(queue, update)
+    finally:
+        torch.set_num_threads(threads)
+    return reused
 
 
 def _drain(queue: Any, update: Callable[[int], None]) -> None:
