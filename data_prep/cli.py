@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_prep import pack
+from umbrella_ds import modality as modality_table
 from umbrella_ds import shards
 from umbrella_ds.errors import UsageError, add_debug_flag, run_main
 
@@ -50,21 +51,20 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--modalities",
         nargs="+",
-        choices=shards.MODALITIES,
+        choices=modality_table.names(),
         default=None,
         help="default: the image columns the manifest has",
     )
-    b.add_argument("--t1-size", **_triple("t1_size"), default=(96, 96, 96), help="T1 target grid")
-    b.add_argument(
-        "--rsfmri-size", **_triple("rsfmri_size"), default=(96, 96, 96), help="rsfMRI target grid"
-    )
-    b.add_argument("--t1-norm", choices=("zscore", "none"), default="zscore", help="see FORMAT.md")
-    b.add_argument(
-        "--rsfmri-norm",
-        choices=("znorm_minback", "znorm_zeroback", "minmax", "none"),
-        default="znorm_minback",
-        help="see FORMAT.md",
-    )
+    # --t1-size, --rsfmri-size, ..., then --t1-norm, ...: one pair per modality in the table.
+    for m in modality_table.all():
+        b.add_argument(
+            m.size_flag,
+            **_triple(m.size_dest),
+            default=m.default_size,
+            help=f"{m.name} target grid",
+        )
+    for m in modality_table.all():
+        b.add_argument(m.norm_flag, choices=m.norms, default=m.default_norm, help="see FORMAT.md")
     b.add_argument("--subjects-per-shard", type=int, default=32, help="subject i -> shard i // N")
     b.add_argument("--workers", type=int, default=1, help="local worker processes (one shard each)")
     b.add_argument(
@@ -170,10 +170,8 @@ def _build(a: argparse.Namespace) -> int:
         manifest=a.manifest,
         out=a.out,
         modalities=a.modalities,
-        t1_size=tuple(a.t1_size),
-        rsfmri_size=tuple(a.rsfmri_size),
-        t1_norm=a.t1_norm,
-        rsfmri_norm=a.rsfmri_norm,
+        sizes={m.name: tuple(getattr(a, m.size_dest)) for m in modality_table.all()},
+        norms={m.name: getattr(a, m.norm_dest) for m in modality_table.all()},
         subjects_per_shard=a.subjects_per_shard,
         workers=a.workers,
         mpi=a.mpi,
@@ -227,7 +225,7 @@ def _info(a: argparse.Namespace) -> int:
     for m, shape in summary["shapes"].items():
         print(
             f"  {m:<10} grid {tuple(shape)}"
-            + (f", {summary['rsfmri_frames']} frames" if m == "rsfMRI" else "")
+            + (f", {summary['rsfmri_frames']} frames" if modality_table.get(m).is_series else "")
         )
     print(f"dtype        {summary['dtype']}")
     print(f"shards       {summary['shards']} (compression {summary['compression']})")

@@ -7,6 +7,7 @@ inference goes through exactly what the training data went through.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.readers import InputRejected, Source, read_nifti, read_rsfmri
+from data_prep.readers import InputRejected, Source, read_nifti, read_rsfmri, read_t1
+from umbrella_ds import modality as modality_table
 
-T1_NORMS = ("zscore", "none")
-RSFMRI_NORMS = ("znorm_minback", "znorm_zeroback", "minmax", "none")
+T1_NORMS = modality_table.T1.norms
+RSFMRI_NORMS = modality_table.RSFMRI.norms
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 RESIZE_METHOD = "area_down_trilinear_up"
 # Frames resized per call: bounds memory for long series at real grid sizes.
@@ -28,34 +30,50 @@ FRAMES_PER_BATCH = 16
 def make_params(
     t1_size: tuple[int, int, int] | None,
     rsfmri_size: tuple[int, int, int] | None,
-    t1_norm: str = "zscore",
-    rsfmri_norm: str = "znorm_minback",
+    t1_norm: str = modality_table.T1.default_norm,
+    rsfmri_norm: str = modality_table.RSFMRI.default_norm,
 ) -> dict[str, Any]:
-    """The preprocessing record stored in every shard and in index.json."""
+    """The preprocessing record of the two built-in modalities (see :func:`make_params_for`)."""
+    t1, rs = modality_table.T1.name, modality_table.RSFMRI.name
+    sizes = {t1: t1_size, rs: rsfmri_size}
+    return make_params_for(
+        {m: s for m, s in sizes.items() if s is not None}, {t1: t1_norm, rs: rsfmri_norm}
+    )
+
+
+def make_params_for(
+    sizes: Mapping[str, Sequence[int]], norms: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The preprocessing record stored in every shard and in index.json: one entry per modality
+    in ``sizes`` (table order), normalised by ``norms[m]`` or the modality's default."""
     params: dict[str, Any] = {}
-    if t1_size is not None:
-        if t1_norm not in T1_NORMS:
-            raise ValueError(f"T1 normalisation {t1_norm!r}: choose one of {T1_NORMS}")
-        params["T1"] = {
-            "size": [int(x) for x in t1_size],
+    for name in modality_table.ordered(sizes):
+        m = modality_table.get(name)
+        norm = (norms or {}).get(name, m.default_norm)
+        if norm not in m.norms:
+            raise ValueError(f"{m.name} normalisation {norm!r}: choose one of {m.norms}")
+        params[m.name] = _record(m, sizes[name], norm)
+    return params
+
+
+def _record(m: modality_table.Modality, size: Sequence[int], norm: str) -> dict[str, Any]:
+    if not m.is_series:
+        return {
+            "size": [int(x) for x in size],
             "reorient": "closest_canonical_RAS+",
             "resize": RESIZE_METHOD,
-            "norm": t1_norm,
+            "norm": norm,
             "ddof": 0,
         }
-    if rsfmri_size is not None:
-        if rsfmri_norm not in RSFMRI_NORMS:
-            raise ValueError(f"rsfMRI normalisation {rsfmri_norm!r}: choose one of {RSFMRI_NORMS}")
-        params["rsfMRI"] = {
-            "size": [int(x) for x in rsfmri_size],
-            "reorient": "closest_canonical_RAS+ (frame folders taken as canonical)",
-            "resize": RESIZE_METHOD,
-            "norm": rsfmri_norm,
-            "background": "raw value == 0",
-            "stats": "global_stats.pt for frame folders that have it, else per subject",
-            "ddof": 0,
-        }
-    return params
+    return {
+        "size": [int(x) for x in size],
+        "reorient": "closest_canonical_RAS+ (frame folders taken as canonical)",
+        "resize": RESIZE_METHOD,
+        "norm": norm,
+        "background": "raw value == 0",
+        "stats": "global_stats.pt for frame folders that have it, else per subject",
+        "ddof": 0,
+    }
 
 
 def resize(vol: np.ndarray, size: tuple[int, ...] | list[int]) -> np.ndarray:
@@ -141,17 +159,35 @@ def normalise_rsfmri(data: np.ndarray, norm: str, stats: dict[str, float]) -> np
     return z
 
 
-def t1_from_source(src: Source, params: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Canonical T1 source -> (D,H,W) float16 on the target grid, plus the statistics used."""
-    p = params["T1"]
+def read_source(name: str, path: Path) -> Source:
+    """The reader the modality table names: a 3D NIfTI, or a 4D NIfTI / frame folder."""
+    return read_rsfmri(path) if modality_table.get(name).reader == "series" else read_t1(path)
+
+
+def from_source(
+    name: str, src: Source, params: dict[str, Any]
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Canonical source of modality ``name`` -> float16 as the shards store it (series time
+    first), plus the statistics used; volume or series preprocessing as the table says."""
+    m = modality_table.get(name)
+    return (rsfmri_from_source if m.is_series else t1_from_source)(src, params, m.name)
+
+
+def t1_from_source(
+    src: Source, params: dict[str, Any], name: str = modality_table.T1.name
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Canonical volume source -> (D,H,W) float16 on the target grid, plus the statistics used."""
+    p = params[name]
     vol = resize(src.data, p["size"])
     vol, stats = normalise_t1(vol, p["norm"])
     return to_float16(vol), {"stats": stats}
 
 
-def rsfmri_from_source(src: Source, params: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Canonical rsfMRI source (T,X,Y,Z) -> (T,D,H,W) float16, plus the statistics used."""
-    p = params["rsfMRI"]
+def rsfmri_from_source(
+    src: Source, params: dict[str, Any], name: str = modality_table.RSFMRI.name
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Canonical series source (T,X,Y,Z) -> (T,D,H,W) float16, plus the statistics used."""
+    p = params[name]
     if src.global_stats is not None:
         stats, origin = dict(src.global_stats), "global_stats.pt"
     else:
@@ -196,3 +232,13 @@ def preprocess_rsfmri(image: Any, params: dict[str, Any]) -> np.ndarray:
     """
     frames_tdhw = rsfmri_from_source(_as_source(image, 4), params)[0]
     return np.moveaxis(frames_tdhw, 0, -1)
+
+
+def preprocess(name: str, image: Any, params: dict[str, Any]) -> np.ndarray:
+    """Raw scan of modality ``name`` -> float16 in the reader's layout (series: time last), as
+    packing stores it and ``ds.read`` returns it; ``params`` is ``ds.preprocessing``."""
+    m = modality_table.get(name)
+    src = _as_source(image, m.ndim)
+    if not m.is_series:
+        return t1_from_source(src, params, m.name)[0]
+    return np.moveaxis(rsfmri_from_source(src, params, m.name)[0], 0, -1)

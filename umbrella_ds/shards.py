@@ -30,6 +30,7 @@ import numpy as np
 import xxhash
 
 from umbrella_ds import __version__
+from umbrella_ds import modality as modality_table
 
 FORMAT_NAME = "umbrella-shards"
 FORMAT_VERSION = 2
@@ -40,7 +41,6 @@ READ_VERSIONS = (1, 2)
 INDEX_NAME = "index.json"
 REJECTED_NAME = "rejected.csv"
 DTYPE = np.float16
-MODALITIES = ("T1", "rsfMRI")
 # rsfMRI frames per HDF5 chunk: a 24-frame window touches 6-7 chunks, a whole chunk stays
 # small enough (8 x 96^3 x 2 B = 14 MB) that reading one frame does not drag in a series.
 FRAMES_PER_CHUNK = 8
@@ -57,7 +57,17 @@ COMPRESSIONS = ("none", "lzf", "gzip", *BLOSC_CODECS)
 # `--compression auto` (the build default): per modality, chosen by delivered samples/s per
 # loader worker and bytes read per sample on the realistic synthetic cohort
 # (benchmarks/compression_bench.py, docs/BENCHMARKS.md "Compression").
-DEFAULT_COMPRESSION: dict[str, str] = {"T1": "none", "rsfMRI": "blosc-lz4"}
+# Chosen per storage layout (the modality table says which a modality uses).
+DEFAULT_COMPRESSION_BY_STORAGE: dict[str, str] = {"volume": "none", "frames": "blosc-lz4"}
+
+
+def default_compression(modality: str) -> str:
+    return DEFAULT_COMPRESSION_BY_STORAGE[modality_table.get(modality).storage]
+
+
+DEFAULT_COMPRESSION: dict[str, str] = {  # per modality registered at import (help text, benchmarks)
+    m.name: DEFAULT_COMPRESSION_BY_STORAGE[m.storage] for m in modality_table.all()
+}
 # Per-chunk digest of v2: xxh3-64, seed 0, over the chunk's bytes as stored in the file.
 DIGEST_SEED = 0
 DIGEST_SUFFIX = "_xxh3"
@@ -73,12 +83,32 @@ CORRUPT = (
     "corrupt: its bytes changed since packing; restore it or re-pack (umbrella-pack build --resume)"
 )
 
-# Dataset and attribute names inside a shard file.
-DS_T1 = "T1"
-DS_T1_SUBJECTS = "T1_subjects"
-DS_RS_FRAMES = "rsfMRI_frames"
-DS_RS_SUBJECTS = "rsfMRI_subjects"
-DS_RS_OFFSETS = "rsfMRI_offsets"
+
+# Dataset and attribute names inside a shard file, per modality from its storage layout:
+# volume -> NAME (subjects x D x H x W, one chunk per subject) and NAME_subjects;
+# frames -> NAME_frames (all subjects' frames x D x H x W), NAME_subjects and NAME_offsets.
+def dataset_name(modality: str) -> str:
+    m = modality_table.get(modality)
+    return f"{m.name}_frames" if m.storage == "frames" else m.name
+
+
+def ids_name(modality: str) -> str:
+    return f"{modality_table.get(modality).name}_subjects"
+
+
+def offsets_name(modality: str) -> str:
+    return f"{modality_table.get(modality).name}_offsets"
+
+
+# The built-in modalities' id tables are in every shard, held or not (formats v1 and v2 always
+# wrote them); a registered modality's tables are written when the shard holds it, so a shard's
+# bytes never depend on which plugins were loaded.
+ALWAYS_TABLES = (modality_table.T1.name, modality_table.RSFMRI.name)
+DS_T1 = dataset_name(modality_table.T1.name)
+DS_T1_SUBJECTS = ids_name(modality_table.T1.name)
+DS_RS_FRAMES = dataset_name(modality_table.RSFMRI.name)
+DS_RS_SUBJECTS = ids_name(modality_table.RSFMRI.name)
+DS_RS_OFFSETS = offsets_name(modality_table.RSFMRI.name)
 ATTR_META = "meta_json"
 # A half-finished `umbrella-pack upgrade` keeps its complete new dataset here until it is moved.
 UPGRADE_DIR = ".upgrade"
@@ -102,7 +132,7 @@ def resolve_compression(compression: str | dict[str, str], modalities: Iterable[
     if isinstance(compression, dict):
         out = {m: compression[m] for m in modalities}
     elif compression == "auto":
-        out = {m: DEFAULT_COMPRESSION[m] for m in modalities}
+        out = {m: default_compression(m) for m in modalities}
     else:
         out = {m: compression for m in modalities}
     for name in out.values():
@@ -229,35 +259,29 @@ class ShardWriter:
         fletcher = format_version == 1
         self._subjects: list[dict[str, Any]] = []
         self._rejections: list[dict[str, str]] = []
-        self._t1_ids: list[str] = []
-        self._rs_ids: list[str] = []
-        self._rs_offsets = [0]
+        unknown = [m for m in self.shapes if not modality_table.is_known(m)]
+        if unknown:
+            raise ValueError(f"unknown modality {unknown}; known: {modality_table.names()}")
+        # Id tables (and offsets for frames) per modality, in the table's order (see ALWAYS_TABLES).
+        tabled = modality_table.ordered({*ALWAYS_TABLES, *self.shapes})
+        self._ids: dict[str, list[str]] = {m: [] for m in tabled}
+        self._offsets: dict[str, list[int]] = {
+            m: [0] for m in tabled if modality_table.get(m).storage == "frames"
+        }
         self._f = h5py.File(self.tmp, "w", track_order=False)
-        self._t1 = None
-        self._rs = None
-        if "T1" in self.shapes:
-            d, h, w = self.shapes["T1"]
-            self._t1 = self._f.create_dataset(
-                DS_T1,
+        self._data: dict[str, h5py.Dataset] = {}
+        for m in modality_table.ordered(self.shapes):
+            d, h, w = self.shapes[m]
+            rows = FRAMES_PER_CHUNK if modality_table.get(m).storage == "frames" else 1
+            self._data[m] = self._f.create_dataset(
+                dataset_name(m),
                 shape=(0, d, h, w),
                 maxshape=(None, d, h, w),
                 dtype=DTYPE,
-                chunks=(1, d, h, w),
+                chunks=(rows, d, h, w),
                 fletcher32=fletcher,
                 track_times=False,
-                **_compression_kwargs(self.compressions["T1"]),
-            )
-        if "rsfMRI" in self.shapes:
-            d, h, w = self.shapes["rsfMRI"]
-            self._rs = self._f.create_dataset(
-                DS_RS_FRAMES,
-                shape=(0, d, h, w),
-                maxshape=(None, d, h, w),
-                dtype=DTYPE,
-                chunks=(FRAMES_PER_CHUNK, d, h, w),
-                fletcher32=fletcher,
-                track_times=False,
-                **_compression_kwargs(self.compressions["rsfMRI"]),
+                **_compression_kwargs(self.compressions[m]),
             )
 
     def add_subject(
@@ -268,7 +292,7 @@ class ShardWriter:
         volumes: dict[str, np.ndarray],
         meta: dict[str, dict[str, Any]],
     ) -> None:
-        """Append one subject; ``volumes['T1']`` is (D,H,W), ``volumes['rsfMRI']`` is (T,D,H,W)."""
+        """Append one subject; a volume modality's array is (D,H,W), a series' (T,D,H,W)."""
         entry: dict[str, Any] = {
             "id": subject_id,
             "position": position,
@@ -281,30 +305,28 @@ class ShardWriter:
             if arr.dtype != DTYPE:
                 raise ValueError(f"{subject_id} {modality}: expected float16, got {arr.dtype}")
             rec = dict(meta.get(modality, {}))
-            if modality == "T1":
-                if self._t1 is None or arr.shape != self.shapes["T1"]:
-                    raise ValueError(
-                        f"{subject_id} T1: shape {arr.shape} != {self.shapes.get('T1')}"
-                    )
-                row = self._t1.shape[0]
-                self._t1.resize(row + 1, axis=0)
-                self._t1[row] = arr
-                self._t1_ids.append(subject_id)
+            if not modality_table.is_known(modality):
+                raise ValueError(f"unknown modality {modality!r}")
+            ds = self._data.get(modality)
+            want = self.shapes.get(modality)
+            if modality_table.get(modality).storage == "volume":
+                if ds is None or arr.shape != want:
+                    raise ValueError(f"{subject_id} {modality}: shape {arr.shape} != {want}")
+                row = ds.shape[0]
+                ds.resize(row + 1, axis=0)
+                ds[row] = arr
+                self._ids[modality].append(subject_id)
                 rec["row"] = row
-            elif modality == "rsfMRI":
-                if self._rs is None or arr.ndim != 4 or arr.shape[1:] != self.shapes["rsfMRI"]:
-                    raise ValueError(
-                        f"{subject_id} rsfMRI: shape {arr.shape} != (T, {self.shapes.get('rsfMRI')})"
-                    )
-                start = self._rs.shape[0]
-                self._rs.resize(start + arr.shape[0], axis=0)
-                self._rs[start:] = arr
-                self._rs_ids.append(subject_id)
-                self._rs_offsets.append(start + arr.shape[0])
+            else:
+                if ds is None or arr.ndim != 4 or arr.shape[1:] != want:
+                    raise ValueError(f"{subject_id} {modality}: shape {arr.shape} != (T, {want})")
+                start = ds.shape[0]
+                ds.resize(start + arr.shape[0], axis=0)
+                ds[start:] = arr
+                self._ids[modality].append(subject_id)
+                self._offsets[modality].append(start + arr.shape[0])
                 rec["offset"] = start
                 rec["frames"] = int(arr.shape[0])
-            else:
-                raise ValueError(f"unknown modality {modality!r}")
             entry["modalities"][modality] = rec
         self._subjects.append(entry)
 
@@ -322,24 +344,22 @@ class ShardWriter:
 
     def _finish(self) -> ShardRecord:
         str_dt = h5py.string_dtype("utf-8")
-        self._f.create_dataset(
-            DS_T1_SUBJECTS,
-            data=np.array(self._t1_ids, dtype=object),
-            dtype=str_dt,
-            track_times=False,
-        )
-        self._f.create_dataset(
-            DS_RS_SUBJECTS,
-            data=np.array(self._rs_ids, dtype=object),
-            dtype=str_dt,
-            track_times=False,
-        )
-        self._f.create_dataset(
-            DS_RS_OFFSETS, data=np.array(self._rs_offsets, dtype=np.int64), track_times=False
-        )
+        for m, ids in self._ids.items():
+            self._f.create_dataset(
+                ids_name(m),
+                data=np.array(ids, dtype=object),
+                dtype=str_dt,
+                track_times=False,
+            )
+            if m in self._offsets:
+                self._f.create_dataset(
+                    offsets_name(m),
+                    data=np.array(self._offsets[m], dtype=np.int64),
+                    track_times=False,
+                )
         if self.format_version >= 2:
             self._f.flush()  # chunks leave HDF5's cache: their stored bytes are final
-            for ds in (self._t1, self._rs):
+            for ds in self._data.values():
                 if ds is not None:
                     self._f.create_dataset(
                         ds.name.lstrip("/") + DIGEST_SUFFIX,
@@ -384,7 +404,7 @@ class ShardWriter:
                 os.truncate(self.tmp, 0)
             self._f.close()
         except (OSError, RuntimeError):
-            _keep_unclosable((self._f, self._t1, self._rs))
+            _keep_unclosable((self._f, *self._data.values()))
         finally:
             self.tmp.unlink(missing_ok=True)
 
@@ -507,17 +527,18 @@ def _ids(ds: h5py.Dataset) -> list[str]:
 def _chunk_subjects(f: h5py.File, name: str, k: int, step: int) -> str:
     """Who owns chunk ``k`` of ``name`` (for the message naming a damaged chunk)."""
     try:
-        if name == DS_T1:
-            return f"subject {_ids(f[DS_T1_SUBJECTS])[k]} T1"
-        ids, offsets = _ids(f[DS_RS_SUBJECTS]), f[DS_RS_OFFSETS][()]
+        m = next(m for m in modality_table.names() if dataset_name(m) == name)
+        if modality_table.get(m).storage == "volume":
+            return f"subject {_ids(f[ids_name(m)])[k]} {m}"
+        ids, offsets = _ids(f[ids_name(m)]), f[offsets_name(m)][()]
         lo, hi = k * step, (k + 1) * step
         parts = []
         for i, sid in enumerate(ids):
             a, b = int(offsets[i]), int(offsets[i + 1])
             if a < hi and b > lo:
                 parts.append(f"{sid} frames {max(a, lo) - a}..{min(b, hi) - a}")
-        return "subject " + ", ".join(parts) + " rsfMRI" if parts else "no subject"
-    except (OSError, KeyError, ValueError, IndexError):
+        return "subject " + ", ".join(parts) + f" {m}" if parts else "no subject"
+    except (OSError, KeyError, ValueError, IndexError, StopIteration):
         return "subject unknown (the id tables are unreadable)"
 
 
@@ -530,7 +551,7 @@ def chunk_problems(path: Path, version: int) -> list[str]:
     problems: list[str] = []
     try:
         with h5py.File(path, "r") as f:
-            for name in (DS_T1, DS_RS_FRAMES):
+            for name in map(dataset_name, modality_table.names()):
                 if name not in f:
                     continue
                 ds = f[name]
@@ -576,7 +597,7 @@ def build_index(
     """Index content: deterministic (no timestamps, no host names) so its hash is a fingerprint."""
     records = sorted(records, key=lambda r: r.shard)
     subjects = [s for r in records for s in sorted(r.subjects, key=lambda s: s["position"])]
-    present = [m for m in MODALITIES if any(m in s["modalities"] for s in subjects)]
+    present = [m for m in modality_table.names() if any(m in s["modalities"] for s in subjects)]
     return {
         "format": FORMAT_NAME,
         "format_version": format_version,
@@ -729,7 +750,13 @@ class _ChunkReader:
         self._decode(k, data, dest)
 
     def read_rows(
-        self, first: int, out: np.ndarray, scratch: np.ndarray, subject: str, frame0: int
+        self,
+        first: int,
+        out: np.ndarray,
+        scratch: np.ndarray,
+        subject: str,
+        frame0: int,
+        modality: str = modality_table.RSFMRI.name,
     ) -> None:
         """Rows [first, first + len(out)) into ``out``, chunk by chunk; row ``first`` is frame
         ``frame0`` of ``subject`` (for the message naming a damaged chunk)."""
@@ -739,7 +766,9 @@ class _ChunkReader:
         decoded = scratch[self.raw_cap : self.raw_cap + self.chunk_nbytes]
         for k in range(first // self.step, (first + n - 1) // self.step + 1):
             lo, hi = max(first, k * self.step), min(first + n, (k + 1) * self.step)
-            what = f"subject {subject} rsfMRI frames {frame0 + lo - first}..{frame0 + hi - first}"
+            what = (
+                f"subject {subject} {modality} frames {frame0 + lo - first}..{frame0 + hi - first}"
+            )
             dest = flat[(lo - first) * self.frame_nbytes : (hi - first) * self.frame_nbytes]
             if self.digests.shape[1] > 1:  # uncompressed: just the rows wanted
                 self._rows_direct(k, lo, hi, dest, what)
@@ -845,8 +874,13 @@ class ShardDataset:
         """Provenance of one stored image (source path, checksum, shapes, affine, statistics)."""
         return dict(self._modality_entry(subject, modality))
 
-    def num_frames(self, subject: str) -> int:
-        return int(self._modality_entry(subject, "rsfMRI")["frames"])
+    def num_frames(self, subject: str, modality: str | None = None) -> int:
+        """Frames of a subject's series (default: the first series modality it has)."""
+        if modality is None:
+            series = modality_table.series_names()
+            have = [m for m in series if self.has(subject, m)]
+            modality = (have or list(series))[0]
+        return int(self._modality_entry(subject, modality)["frames"])
 
     def _modality_entry(self, subject: str, modality: str) -> dict[str, Any]:
         entry = self._entry(subject)
@@ -918,27 +952,31 @@ class ShardDataset:
         return buf
 
     def read(self, subject: str, modality: str) -> np.ndarray:
-        """Whole stored image: T1 (D,H,W); rsfMRI (D,H,W,T), float16."""
+        """Whole stored image: a volume (D,H,W) (T1); a series (D,H,W,T) (rsfMRI), float16."""
         rec = self._modality_entry(subject, modality)
         shard = self._entry(subject)["shard"]
-        if modality == "T1":
+        if not modality_table.is_known(modality):
+            raise KeyError(f"unknown modality {modality!r}")
+        if modality_table.get(modality).storage == "volume":
             row = int(rec["row"])
-            what = f"subject {subject} T1 (chunk {row})"
+            name = dataset_name(modality)
+            what = f"subject {subject} {modality} (chunk {row})"
             if self.format_version == 1:
-                return self._read_v1(shard, DS_T1, np.s_[row], self.shape("T1"), what)
-            out = np.empty(self.shape("T1"), dtype=DTYPE)
-            r = self._reader(shard, DS_T1)
-            scratch = self._scratch_for(DS_T1, r.raw_cap)
-            r.read_chunk(row, out.reshape(-1).view(np.uint8), scratch, f"subject {subject} T1")
+                return self._read_v1(shard, name, np.s_[row], self.shape(modality), what)
+            out = np.empty(self.shape(modality), dtype=DTYPE)
+            r = self._reader(shard, name)
+            scratch = self._scratch_for(name, r.raw_cap)
+            r.read_chunk(
+                row, out.reshape(-1).view(np.uint8), scratch, f"subject {subject} {modality}"
+            )
             return out
-        if modality == "rsfMRI":
-            return self.read_window(subject, modality, 0, rec["frames"])
-        raise KeyError(f"unknown modality {modality!r}")
+        return self.read_window(subject, modality, 0, rec["frames"])
 
     def read_window(self, subject: str, modality: str, start: int, length: int) -> np.ndarray:
         """Frames [start, start+length) as (D,H,W,length) float16 (a transposed view, no copy)."""
-        if modality != "rsfMRI":
-            raise KeyError(f"read_window reads rsfMRI, not {modality!r}")
+        if modality not in modality_table.series_names():
+            series = ", ".join(modality_table.series_names())
+            raise KeyError(f"read_window reads {series}, not {modality!r}")
         rec = self._modality_entry(subject, modality)
         if start < 0 or length <= 0 or start + length > rec["frames"]:
             raise IndexError(
@@ -946,16 +984,17 @@ class ShardDataset:
             )
         off = rec["offset"] + start
         shard = self._entry(subject)["shard"]
-        shape = (length, *self.shape("rsfMRI"))
+        shape = (length, *self.shape(modality))
+        name = dataset_name(modality)
         if self.format_version == 1:
             first, last = off // FRAMES_PER_CHUNK, (off + length - 1) // FRAMES_PER_CHUNK
-            what = f"subject {subject} rsfMRI frames {start}..{start + length} (chunks {first}..{last})"
-            out = self._read_v1(shard, DS_RS_FRAMES, np.s_[off : off + length], shape, what)
+            what = f"subject {subject} {modality} frames {start}..{start + length} (chunks {first}..{last})"
+            out = self._read_v1(shard, name, np.s_[off : off + length], shape, what)
         else:
             out = np.empty(shape, dtype=DTYPE)
-            r = self._reader(shard, DS_RS_FRAMES)
-            scratch = self._scratch_for(DS_RS_FRAMES, r.raw_cap + r.chunk_nbytes)
-            r.read_rows(off, out, scratch, subject, start)
+            r = self._reader(shard, name)
+            scratch = self._scratch_for(name, r.raw_cap + r.chunk_nbytes)
+            r.read_rows(off, out, scratch, subject, start, modality)
         return np.moveaxis(out, 0, -1)
 
     # -- integrity ------------------------------------------------------------------------
@@ -1048,37 +1087,43 @@ def _verify_contents(spath: Path, idx: dict[str, Any], subjects: list[dict[str, 
     problems: list[str] = []
     try:
         with h5py.File(spath, "r") as f:
-            t1_ids = [x.decode() if isinstance(x, bytes) else x for x in f[DS_T1_SUBJECTS][()]]
-            rs_ids = [x.decode() if isinstance(x, bytes) else x for x in f[DS_RS_SUBJECTS][()]]
-            offsets = f[DS_RS_OFFSETS][()]
-            for m, name in (("T1", DS_T1), ("rsfMRI", DS_RS_FRAMES)):
+            # Id tables of the built-ins (always written) and of every modality the index holds.
+            held = modality_table.ordered({*ALWAYS_TABLES, *idx["shapes"]})
+            ids = {m: _ids(f[ids_name(m)]) for m in held}
+            offsets = {m: f[offsets_name(m)][()] for m in held if modality_table.get(m).is_series}
+            for m in modality_table.names():
+                name = dataset_name(m)
                 if m in idx["shapes"] and name in f:
                     got = tuple(f[name].shape[1:])
                     if got != tuple(idx["shapes"][m]):
                         problems.append(f"{spath}: {name} grid {got} != {idx['shapes'][m]}")
                     if f[name].dtype != DTYPE:
                         problems.append(f"{spath}: {name} dtype {f[name].dtype}")
-            n_t1 = f[DS_T1].shape[0] if DS_T1 in f else 0
-            n_rs = f[DS_RS_FRAMES].shape[0] if DS_RS_FRAMES in f else 0
-            if n_t1 != len(t1_ids):
-                problems.append(f"{spath}: {n_t1} T1 rows but {len(t1_ids)} T1 subject ids")
-            if int(offsets[-1]) != n_rs:
-                problems.append(f"{spath}: rsfMRI offsets end at {offsets[-1]}, frames {n_rs}")
+            for m in held:
+                name = dataset_name(m)
+                n = f[name].shape[0] if name in f else 0
+                if m not in offsets and n != len(ids[m]):
+                    problems.append(f"{spath}: {n} {m} rows but {len(ids[m])} {m} subject ids")
+                if m in offsets and int(offsets[m][-1]) != n:
+                    problems.append(f"{spath}: {m} offsets end at {offsets[m][-1]}, frames {n}")
             for s in subjects:
-                t1 = s["modalities"].get("T1")
-                if t1 is not None and (t1["row"] >= len(t1_ids) or t1_ids[t1["row"]] != s["id"]):
-                    problems.append(f"{spath}: T1 row {t1['row']} is not subject {s['id']}")
-                rs = s["modalities"].get("rsfMRI")
-                if rs is not None:
-                    if s["id"] not in rs_ids:
-                        problems.append(f"{spath}: subject {s['id']} has no rsfMRI frames")
+                for m in held:
+                    rec = s["modalities"].get(m)
+                    if rec is None:
                         continue
-                    k = rs_ids.index(s["id"])
-                    if (int(offsets[k]), int(offsets[k + 1] - offsets[k])) != (
-                        rs["offset"],
-                        rs["frames"],
-                    ):
-                        problems.append(f"{spath}: rsfMRI offsets of {s['id']} disagree with index")
+                    if m not in offsets:
+                        if rec["row"] >= len(ids[m]) or ids[m][rec["row"]] != s["id"]:
+                            problems.append(
+                                f"{spath}: {m} row {rec['row']} is not subject {s['id']}"
+                            )
+                        continue
+                    if s["id"] not in ids[m]:
+                        problems.append(f"{spath}: subject {s['id']} has no {m} frames")
+                        break
+                    k = ids[m].index(s["id"])
+                    o = offsets[m]
+                    if (int(o[k]), int(o[k + 1] - o[k])) != (rec["offset"], rec["frames"]):
+                        problems.append(f"{spath}: {m} offsets of {s['id']} disagree with index")
     except (OSError, KeyError, ValueError) as exc:
         problems.append(f"{spath}: unreadable ({exc})")
     return problems
@@ -1096,7 +1141,7 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
         for m, rec in s["modalities"].items():
             counts[m] = counts.get(m, 0) + 1
             n = int(np.prod(idx["shapes"][m]))
-            if m == "rsfMRI":
+            if modality_table.get(m).is_series:
                 n *= rec["frames"]
                 frames += rec["frames"]
             raw += n * np.dtype(DTYPE).itemsize
@@ -1181,7 +1226,7 @@ def _upgrade_shard(
     """
     meta = read_shard_meta(spath)
     shapes = {m: tuple(v) for m, v in meta["shapes"].items()}
-    comp: str | dict[str, str] = {m: target.get(m, DEFAULT_COMPRESSION[m]) for m in shapes}
+    comp: str | dict[str, str] = {m: target.get(m, default_compression(m)) for m in shapes}
     if label in ("auto", *COMPRESSIONS) and resolve_compression(label, shapes) == comp:
         comp = label
     writer = ShardWriter(
@@ -1192,7 +1237,8 @@ def _upgrade_shard(
             volumes = {}
             for m in entry["modalities"]:
                 arr = ds.read(entry["id"], m)  # checked: fletcher32 (v1) or xxh3 (v2)
-                volumes[m] = np.ascontiguousarray(np.moveaxis(arr, -1, 0)) if m == "rsfMRI" else arr
+                series = modality_table.get(m).is_series
+                volumes[m] = np.ascontiguousarray(np.moveaxis(arr, -1, 0)) if series else arr
             writer.add_subject(
                 entry["id"], entry["position"], entry["phenotypes"], volumes, entry["modalities"]
             )
