@@ -148,13 +148,13 @@ def load_model(src: Source, base: str | None):
     """The patched model and tokenizer in the dtype the run evaluated in, in eval mode."""
     from umbrella_ds.train.export import BaseMismatchError, load_checkpoint_model, load_trained
 
-    if src.kind == "export":
-        try:
+    try:
+        if src.kind == "export":
             model, tokenizer = load_trained(src.path, base=base)
-        except BaseMismatchError as exc:
-            raise UsageError(f"--base: {exc}") from exc
-    else:
-        model, tokenizer = load_checkpoint_model(src.path, base=base)
+        else:
+            model, tokenizer = load_checkpoint_model(src.path, base=base)
+    except BaseMismatchError as exc:  # another base than the run trained on: the user's to fix
+        raise UsageError(f"--base: {exc}") from exc
     cast_parameters(model, src.config.train.bf16)
     model.eval()
     return model, tokenizer
