@@ -40,12 +40,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from umbrella_ds import modality as modality_table
 from umbrella_ds.errors import UsageError
 
 NIFTI = (".nii.gz", ".nii")
 PARTICIPANTS = "participants.tsv"
 MISSING_SUFFIX = ".missing.csv"
-MANIFEST_COLUMNS = ("subject_id", "T1", "rsfMRI")
+
+
+def bids_modalities() -> list[modality_table.Modality]:
+    """The modalities with a BIDS location in the table (T1: anat/*_T1w, rsfMRI: func/*_bold)."""
+    return [m for m in modality_table.all() if m.bids is not None]
+
+
+def manifest_columns() -> tuple[str, ...]:
+    """subject_id, then one image column per BIDS modality (the manifest ``build`` reads)."""
+    return ("subject_id", *(m.manifest_column for m in bids_modalities()))
 
 
 @dataclass(frozen=True)
@@ -104,7 +114,7 @@ def _participants(root: Path) -> tuple[list[str], dict[str, dict[str, str]]]:
         if "participant_id" not in fields:
             raise UsageError(f"{path}:1: no participant_id column (has {fields})")
         columns = [c for c in fields if c != "participant_id"]
-        clash = [c for c in columns if c in MANIFEST_COLUMNS or c == "subjectkey"]
+        clash = [c for c in columns if c in manifest_columns() or c == "subjectkey"]
         if clash:
             raise UsageError(
                 f"{path}:1: column(s) {clash} would collide with the manifest's own; rename them"
@@ -202,37 +212,40 @@ def scan(
             f"--bids {bids_dir}: no sub-* folders in {image_root} (not a BIDS dataset?)"
         )
     chooser = _Chooser(derivatives is not None, space)
-    out = Manifest(columns=[*MANIFEST_COLUMNS, *columns])
+    out = Manifest(columns=[*manifest_columns(), *columns])
+    mods = bids_modalities()
     for label in sorted(set(subject_dirs) | set(phenotypes)):
         subject_dir = subject_dirs.get(label)
         if subject_dir is None:
-            for modality in ("T1", "rsfMRI"):
-                out.missing.append(_miss(label, modality, f"no sub-{label} folder in {image_root}"))
+            for m in mods:
+                out.missing.append(_miss(label, m.name, f"no sub-{label} folder in {image_root}"))
             continue
         chosen = _subject_images(subject_dir, label, session, task, chooser)
         if isinstance(chosen, str):  # the session itself is missing
-            for modality in ("T1", "rsfMRI"):
-                out.missing.append(_miss(label, modality, chosen))
+            for m in mods:
+                out.missing.append(_miss(label, m.name, chosen))
             continue
         ses_text = f" in ses-{chosen['session']}" if chosen["session"] else ""
-        t1, bold = chosen["T1"], chosen["rsfMRI"]
-        if t1 is None:
-            out.missing.append(_miss(label, "T1", f"no anat/*_T1w.nii[.gz]{ses_text}"))
-        if bold is None:
-            out.missing.append(
-                _miss(label, "rsfMRI", f"no func/*_task-{task}_*bold.nii[.gz]{ses_text}")
-            )
-        if t1 is None and bold is None:
+        for m in mods:
+            if chosen[m.name] is None:
+                out.missing.append(_miss(label, m.name, f"no {_pattern(m, task)}{ses_text}"))
+        if all(chosen[m.name] is None for m in mods):
             continue
         out.rows.append(
             {
                 "subject_id": label,
-                "T1": str(t1) if t1 else "",
-                "rsfMRI": str(bold) if bold else "",
+                **{m.manifest_column: str(chosen[m.name] or "") for m in mods},
                 **phenotypes.get(label, dict.fromkeys(columns, "")),
             }
         )
     return out
+
+
+def _pattern(m: modality_table.Modality, task: str) -> str:
+    """Where a modality's images are looked for, e.g. ``anat/*_T1w.nii[.gz]``."""
+    folder, suffix = m.bids or ("", "")
+    task_part = f"_task-{task}_*" if m.is_series else "_"
+    return f"{folder}/*{task_part}{suffix}.nii[.gz]"
 
 
 def _miss(label: str, modality: str, reason: str) -> dict[str, str]:
@@ -263,11 +276,14 @@ def _subject_images(
                 return chooser.choose(found, str(folder / kind))
         return None
 
-    return {
-        "session": ses,
-        "T1": pick("anat", "T1w"),
-        "rsfMRI": pick("func", "bold", lambda n: n.entities.get("task") == task),
-    }
+    def of_task(n: BidsName) -> bool:  # a series is taken from the requested task only
+        return n.entities.get("task") == task
+
+    chosen: dict[str, Path | str | None] = {"session": ses}
+    for m in bids_modalities():
+        folder, suffix = m.bids or ("", "")
+        chosen[m.name] = pick(folder, suffix, of_task) if m.is_series else pick(folder, suffix)
+    return chosen
 
 
 def write(manifest: Manifest, out: str | os.PathLike[str]) -> Path:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from umbrella_ds import modality as modality_table
 from umbrella_ds.shards import ShardDataset, open_dataset
 
 CELL_PX = 160
@@ -52,8 +53,8 @@ def mid_slices(vol_xyz: np.ndarray) -> list[np.ndarray]:
 def _volume(ds: ShardDataset, subject: str, modality: str) -> np.ndarray | None:
     if not ds.has(subject, modality):
         return None
-    if modality == "rsfMRI":
-        mid = ds.num_frames(subject) // 2
+    if modality_table.get(modality).is_series:
+        mid = ds.num_frames(subject, modality) // 2
         return np.asarray(ds.read_window(subject, modality, mid, 1)[..., 0], dtype=np.float32)
     return np.asarray(ds.read(subject, modality), dtype=np.float32)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.preprocess import rsfmri_stats
+from umbrella_ds import modality as modality_table
 
 SEX_CODES = {1: "male", 2: "female"}
 T1_PROMPT = (
@@ -305,7 +306,8 @@ def synth(
             w.writerow([s.key, s.sex, s.age, f"{s.bmi_sds:.1f}"])
     with open(out / "manifest.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["subjectkey", "T1", "rsfMRI", "sex", "age", "BMI_sds"])
+        columns = [modality_table.T1.manifest_column, modality_table.RSFMRI.manifest_column]
+        w.writerow(["subjectkey", *columns, "sex", "age", "BMI_sds"])
         for s in subjects:
             w.writerow(
                 [
@@ -342,7 +344,7 @@ def synth(
                 _single_task(
                     "rsfmri_sex",
                     s,
-                    "rsfMRI",
+                    modality_table.RSFMRI.name,
                     rs_paths[s.key],
                     RS_PROMPT,
                     f"{SEX_CODES[s.sex]}.",

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from umbrella_ds import errors
+from umbrella_ds import modality as modality_table
 from umbrella_ds.errors import UserError, add_debug_flag, run_main
 
 log = logging.getLogger("umbrella_ds.infer")
@@ -61,8 +62,10 @@ class ScanReader:
     def read_window(self, subject: str, modality: str, start: int, length: int) -> np.ndarray:
         return self.volumes[subject][modality][..., start : start + length]
 
-    def num_frames(self, subject: str) -> int:
-        return int(self.volumes[subject]["rsfMRI"].shape[-1])
+    def num_frames(self, subject: str, modality: str | None = None) -> int:
+        if modality is None:  # the scan's series modality (one scan per subject here)
+            modality = next(m for m in self.volumes[subject] if modality_table.get(m).is_series)
+        return int(self.volumes[subject][modality].shape[-1])
 
 
 def parse_scan(text: str) -> tuple[str, Path]:
@@ -74,7 +77,8 @@ def parse_scan(text: str) -> tuple[str, Path]:
     try:
         modality = normalize_modality(mod.strip())
     except KeyError:
-        raise InferError(f"--scan {text!r}: unknown modality {mod!r} (T1, rsfMRI)") from None
+        known = ", ".join(modality_table.names())
+        raise InferError(f"--scan {text!r}: unknown modality {mod!r} ({known})") from None
     return modality, Path(path).expanduser()
 
 
@@ -82,7 +86,7 @@ def preprocess_scans(
     scans: list[tuple[str, Path]], info: dict[str, Any]
 ) -> dict[str, dict[str, np.ndarray]]:
     """Each scan -> the array packing would have stored, checked against the model's input grid."""
-    from data_prep.preprocess import preprocess_rsfmri, preprocess_t1
+    from data_prep.preprocess import preprocess
     from data_prep.readers import InputRejected
 
     params = info.get("preprocessing")
@@ -112,7 +116,7 @@ def preprocess_scans(
         if not path.exists():
             raise InferError(f"--scan {modality}={path}: no such file or folder")
         try:
-            arr = (preprocess_t1 if modality == "T1" else preprocess_rsfmri)(path, params)
+            arr = preprocess(modality, path, params)
         except InputRejected as exc:
             raise InferError(
                 f"--scan {modality}={path}: rejected as packing would: {exc.reason}"
@@ -196,14 +200,13 @@ def infer(
     renderer = Renderer(
         tokenizer, tokens, cfg.data.max_length, cfg.data.overflow, template=template
     )
-    rs = info["modalities"].get("rsfMRI")
     ds = InstructionDataset(
         [task],
         ScanReader(volumes),
         renderer,
         train=False,
         seed=cfg.train.seed,
-        rsfmri_length=rs["size"][3] if rs else 1,
+        rsfmri_length=modality_table.window_length(info["modalities"]),
         window_stride=cfg.data.window_stride,
         windows=cfg.data.windows,
         flip=False,
@@ -291,7 +294,7 @@ def _main(argv: Sequence[str] | None) -> int:
     )
     text = json.dumps(result, indent=1)
     if args.out:
-        from umbrella_ds.shards import atomic_write_text
+        from umbrella_ds.io import atomic_write_text
 
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
