@@ -6,6 +6,7 @@ naming the setting (a tracking setting that logs nothing is worse than none)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,8 @@ def _records(path: Path) -> list:
     while pos + 7 <= len(data):
         left = block - pos % block
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         if left < 7 or (length == 0 and kind == 0):  # block trailer / padding
             pos += left
             continue
@@ -67,7 +70,15 @@ def test_offline_run_holds_losses_eval_records_and_config(tmp_path, offline):
     logger.write({"split": "eval", "step": 2, "task": "t1_sex", "loss": 0.75, "accuracy": 0.8})
     logger.close()
     (log_file,) = _offline_run(tmp_path).glob("run-*.wandb")
-    records = _records(log_file)
+    # wandb-core, a process of its own, may still be writing after finish(): the file is complete
+    # once it holds the run's exit record.
+    deadline = time.monotonic() + 60
+    while True:
+        records = _records(log_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        assert time.monotonic() < deadline, "the offline run file never got its exit record"
+        time.sleep(0.2)
     history: dict[int, dict] = {}
     for r in records:
         if r.WhichOneof("record_type") == "history":
