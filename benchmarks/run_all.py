@@ -19,6 +19,7 @@ from benchmarks.common import RESULTS_DIR
 # Module name -> whether it needs a GPU. Order: cheapest first.
 BENCHMARKS: dict[str, bool] = {
     "benchmarks.read_path": False,
+    "benchmarks.compression_bench": False,
     "benchmarks.pack_bench": False,
     "benchmarks.data_bench": False,
     "benchmarks.checkpoint_bench": False,
