@@ -28,7 +28,7 @@ import builtins
 import importlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 PLUGINS_ENV = "UMBRELLA_MODALITY_PLUGINS"
@@ -65,7 +65,6 @@ class Modality:
     manifest_column: str = ""
     bids: tuple[str, str] | None = None
     description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
