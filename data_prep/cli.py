@@ -287,7 +287,7 @@ def _main(argv: Sequence[str] | None) -> int:
         "synth": _synth,
         "manifest": _manifest,
     }
-    if args.command in ("verify", "info"):
+    if args.command in ("verify", "info", "upgrade"):
         _require_dataset(args.dir)
     try:
         return handlers[args.command](args)
@@ -301,7 +301,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _require_dataset(path: Path) -> None:
-    """``verify``/``info`` of a folder that holds no pack is the user's slip, not a damaged pack."""
+    """``verify``/``info``/``upgrade`` of a folder holding no pack is the user's slip, not damage."""
     if not (path / shards.INDEX_NAME).is_file():
         raise UsageError(
             f"{path}: no {shards.INDEX_NAME} (not a packed shard directory; "
