@@ -10,7 +10,7 @@ benchmarks/results/data_loader.json. It measures, never asserts:
 - loader samples/s (one epoch of T1 + T3 + rsfMRI tasks from packed shards, collate included)
   with 0, 1 and 2 worker processes, on the small volumes the synthetic cohort has here;
 - the feed rate at the GPU benchmark's shapes (`--no-gpu-shapes` skips it): samples/s and MB/s
-  that ONE loader worker delivers (read with fletcher32, flip augmentation, render, collate) for
+  that ONE loader worker delivers (read with its checksum, flip augmentation, render, collate) for
   T1 at 96^3 in micro-batches of 64 and 24-frame rsfMRI windows of 96^3 in micro-batches of 8,
   against the limit it must meet: one H100 at the 40% MFU goal consumes about 550 T1 or 60 rsfMRI
   samples/s (DESIGN.md). "workers per GPU" = that demand / the one-worker rate: how many of a GPU

@@ -180,7 +180,7 @@ def test_check_catches_truncated_and_modified_shards(
     assert any("shard-00002.h5" in p for p in shards.verify(mod))
 
 
-def test_fletcher32_catches_chunk_damage_on_read(
+def test_chunk_checksum_catches_chunk_damage_on_read(
     packed: tuple[Path, dict[str, np.ndarray]],
 ) -> None:
     out, _ = packed

@@ -1,8 +1,9 @@
 """A shard with flipped bytes: ``umbrella-pack verify`` names it, and training refuses to start on
 it with the same message (``ShardDataset.check()`` runs in ``train.inputs.build_inputs``).
 
-Damage to a chunk outside the stamped ends is caught on read by fletcher32
-(tests/test_shards.py::test_fletcher32_catches_chunk_damage_on_read).
+Damage to a chunk outside the stamped ends is caught on read by the per-chunk checksum (v2 xxh3,
+v1 fletcher32), naming the chunk and its subject (tests/test_shards.py::
+test_flipped_chunk_byte_named_on_read_and_by_verify).
 """
 
 from __future__ import annotations
