@@ -42,6 +42,7 @@ from pathlib import Path
 
 from umbrella_ds import modality as modality_table
 from umbrella_ds.errors import UsageError
+from umbrella_ds.io import atomic_path
 
 NIFTI = (".nii.gz", ".nii")
 PARTICIPANTS = "participants.tsv"
@@ -301,9 +302,7 @@ def missing_path(manifest_path: Path) -> Path:
 
 
 def _write_csv(path: Path, columns: Iterable[str], rows: list[dict[str, str]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)

@@ -33,6 +33,7 @@ from data_prep.readers import InputRejected
 from umbrella_ds import modality as modality_table
 from umbrella_ds import shards
 from umbrella_ds.errors import UserError
+from umbrella_ds.io import atomic_write_text
 from umbrella_ds.provenance import write_provenance
 
 ID_COLUMNS = ("subject_id", "subjectkey")
@@ -321,7 +322,7 @@ def _write_outputs(
     )
     w.writeheader()
     w.writerows(rejections)
-    shards.atomic_write_text(out / shards.REJECTED_NAME, buf.getvalue())
+    atomic_write_text(out / shards.REJECTED_NAME, buf.getvalue())
     if not any(rec.subjects for rec in records):
         (out / shards.INDEX_NAME).unlink(missing_ok=True)
         _write_pack_provenance(out, opts, params, None, rejections, n_shards, ranks)

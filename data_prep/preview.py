@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from umbrella_ds import modality as modality_table
+from umbrella_ds.io import atomic_path
 from umbrella_ds.shards import ShardDataset, open_dataset
 
 CELL_PX = 160
@@ -123,7 +124,6 @@ def draw_preview(
                     )  # fmt: skip
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=DPI, format="png")
-    os.replace(tmp, out_png)
+    with atomic_path(out_png, ".png") as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
     return {"path": str(out_png), "subjects": chosen, "modalities": mods, "size": [width, height]}

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from umbrella_ds.shards import atomic_write_text
+from umbrella_ds.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from umbrella_ds.errors import UserError, add_debug_flag, run_main
+from umbrella_ds.io import atomic_path, atomic_write_text
 
 log = logging.getLogger("umbrella_ds.report")
 
@@ -194,9 +195,8 @@ def plot(runs: list[Run], out_png: Path) -> None:
         else:
             ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out_png)
+    with atomic_path(out_png, ".png") as tmp:
+        fig.savefig(tmp, format="png")
 
 
 def report(run_dirs: list[str | os.PathLike[str]], out: str | os.PathLike[str]) -> dict[str, Path]:
@@ -207,9 +207,7 @@ def report(run_dirs: list[str | os.PathLike[str]], out: str | os.PathLike[str]) 
     png, md = out / "loss_curves.png", out / "report.md"
     plot(runs, png)
     text = markdown(runs) + f"\n![loss curves]({png.name})\n"
-    tmp = md.with_name(f".{md.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, md)
+    atomic_write_text(md, text)
     return {"png": png, "markdown": md}
 
 

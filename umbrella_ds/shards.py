@@ -31,6 +31,7 @@ import xxhash
 
 from umbrella_ds import __version__
 from umbrella_ds import modality as modality_table
+from umbrella_ds.io import atomic_write_text, fsync_dir
 
 FORMAT_NAME = "umbrella-shards"
 FORMAT_VERSION = 2
@@ -173,25 +174,6 @@ def stamp_file(path: Path) -> str:
             f.seek(max(STAMP_BYTES, size - STAMP_BYTES))
             h.update(f.read(STAMP_BYTES))
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name, flush, fsync, rename: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _compression_kwargs(compression: str) -> dict[str, Any]:
@@ -387,7 +369,7 @@ class ShardWriter:
             os.fsync(f.fileno())
         record = _record_for(self.tmp, meta, self.final.name)
         os.replace(self.tmp, self.final)
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         return record
 
     def abort(self) -> None:
@@ -1256,8 +1238,8 @@ def _roll_forward(root: Path, stage: Path) -> int:
     for p in sorted(stage.glob("shard-*.h5")):
         os.replace(p, root / p.name)
         moved += 1
-    _fsync_dir(root)
+    fsync_dir(root)
     os.replace(stage / INDEX_NAME, root / INDEX_NAME)
-    _fsync_dir(root)
+    fsync_dir(root)
     shutil.rmtree(stage, ignore_errors=True)
     return moved
