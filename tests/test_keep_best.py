@@ -20,7 +20,7 @@ from test_train_support import (
 
 from umbrella_ds.config import CheckpointConfig, ConfigError, RunConfig
 from umbrella_ds.train.checkpoint import Checkpointer
-from umbrella_ds.train.engine import _check_keep_best_task
+from umbrella_ds.train.preflight import check_keep_best_task
 
 
 def _records(step_auroc: float, step_loss: float, mean_accuracy: float) -> list[dict]:
@@ -82,11 +82,11 @@ def test_unknown_task_is_refused_before_training():
     cfg = RunConfig()
     cfg.checkpoint.keep_best = "t1_age/accuracy"
     with pytest.raises(ConfigError, match=r"no task 't1_age'.*\['t1_sex', 't3_sex'\]"):
-        _check_keep_best_task(cfg, _inputs("t1_sex", "t3_sex", "t1_sex"))
+        check_keep_best_task(cfg, _inputs("t1_sex", "t3_sex", "t1_sex"))
     cfg.checkpoint.keep_best = "t3_sex/accuracy"
-    _check_keep_best_task(cfg, _inputs("t1_sex", "t3_sex"))  # known task: accepted
+    check_keep_best_task(cfg, _inputs("t1_sex", "t3_sex"))  # known task: accepted
     cfg.checkpoint.keep_best = "accuracy"
-    _check_keep_best_task(cfg, _inputs("t1_sex"))  # the mean: no task to check
+    check_keep_best_task(cfg, _inputs("t1_sex"))  # the mean: no task to check
 
 
 @pytest.mark.multiproc

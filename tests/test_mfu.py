@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from umbrella_ds.model import build_model
-from umbrella_ds.train.engine import flop_counter
-from umbrella_ds.train.run_logging import FlopCounter, gpu_peak, mfu
+from umbrella_ds.model.flops import FlopCounter, flop_counter
+from umbrella_ds.train.run_logging import gpu_peak, mfu
 
 H = 64  # hidden size of both towers and the LM in tiny / tiny-clip
 I = 128  # noqa: E741  (intermediate size)

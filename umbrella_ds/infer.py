@@ -176,8 +176,8 @@ def infer(
     from umbrella_ds.data import InstructionDataset, Renderer, collate_eval
     from umbrella_ds.data.template import template_of
     from umbrella_ds.model import greedy_generate, image_token_id
-    from umbrella_ds.train.eval_cli import cast_parameters
     from umbrella_ds.train.export import EXPORT_INFO, BaseMismatchError, load_trained
+    from umbrella_ds.train.factory import cast_like_deepspeed
 
     export_dir = Path(export_dir)
     if not (export_dir / EXPORT_INFO).is_file():
@@ -194,7 +194,7 @@ def infer(
         model, tokenizer = load_trained(export_dir, base=base)
     except BaseMismatchError as exc:
         raise InferError(str(exc)) from exc
-    cast_parameters(model, cfg.train.bf16)  # the dtype evaluation ran in
+    cast_like_deepspeed(model, cfg.train.bf16)  # the dtype evaluation ran in
     tokens = {m: int(n) for m, n in info["tokens_per_image"].items()}
     template = template_of(model)  # the base model's, as training rendered with
     renderer = Renderer(

@@ -200,3 +200,19 @@ def collate_eval(
         "metadata": [s["metadata"] for s in samples],
         "window_start": [s["window_start"] for s in samples],
     }
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch of this module to ``device``: tensors, also inside the per-modality dicts, copied
+    without blocking (pinned host memory); host-side lists stay. The only copy of this walk."""
+    if device.type == "cpu":
+        return batch
+
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        return v
+
+    return {k: move(v) for k, v in batch.items()}

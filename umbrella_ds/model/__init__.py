@@ -19,6 +19,7 @@ from umbrella_ds.model.llava import (
     parameter_table,
     projector,
     splice_patch_embed,
+    transformer_blocks,
     verify_trainable,
     vision_tower,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "parse_modalities",
     "projector",
     "splice_patch_embed",
+    "transformer_blocks",
     "verify_trainable",
     "vision_tower",
 ]

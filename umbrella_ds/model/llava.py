@@ -213,6 +213,15 @@ def enable_activation_checkpointing(model: nn.Module, vision: bool, language: bo
             module.activation_checkpointing_disable()
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every encoder layer of the vision tower and decoder layer of the language model: the units
+    regional compilation compiles (train/compile.py) and ZeRO-3 treats as leaf modules there."""
+    return [
+        m for m in model.modules() if type(m).__name__.endswith(("EncoderLayer", "DecoderLayer"))
+    ]
+
+
+
 # --- forward pieces -------------------------------------------------------------------------
 def _tower_features(model: nn.Module, modality: str, pixel_values: torch.Tensor) -> torch.Tensor:
     """One modality's images -> projected features (N, L, H_text), as LlavaModel.get_image_features.

@@ -10,10 +10,15 @@ Layout::
         meta.json                                      written last: the completion marker
         universal/                                     made on demand when the world size changes
 
-``meta.json`` holds the client state (step, epoch, sampler position, scheduler, resolved config,
-config/model/data fingerprints, world size, trainable parameter names, size on disk). It is
-written by rank 0 only after a barrier that follows every rank's save, then ``latest`` moves
-(tmp + os.replace). A step folder without ``meta.json`` is never trusted and is removed on the next
+A checkpoint is a set of named parts that save and load themselves (torchtitan's Stateful
+pattern): file parts (``DeepSpeedState``: trainable weights and optimizer; ``RankRng``: each
+rank's RNG) write into the step folder on every rank; state parts (``TrainState``, the sampler,
+``SchedulerState``, and saved-only ``Record`` s of the config, fingerprints, frozen base and
+trainable names) are ``meta.json``'s top-level keys, one per part, so format 1 checkpoints load
+unchanged. The engine lists its parts in one place (``engine.checkpoint_parts``); adding one is
+one line there. ``meta.json`` is written by rank 0 only after a barrier that follows every rank's
+save, then ``latest`` moves (tmp + os.replace), last, as nanotron does. The format version is
+checked on load. A step folder without ``meta.json`` is never trusted and is removed on the next
 save. Resuming on a different world size converts the checkpoint with DeepSpeed's
 ``ds_to_universal`` and loads it with ``checkpoint.load_universal``.
 """
@@ -29,10 +34,10 @@ import random
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -40,10 +45,12 @@ import torch.distributed as dist
 
 from umbrella_ds.config import CheckpointConfig
 from umbrella_ds.errors import UserError
+from umbrella_ds.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # meta.json's layout; MIN_FORMAT_VERSION..FORMAT_VERSION load
+MIN_FORMAT_VERSION = 1
 META = "meta.json"
 LATEST = "latest"
 LOWER_IS_BETTER = ("loss", "mae")
@@ -65,17 +72,171 @@ class Found:
     meta: dict[str, Any]
 
 
+class StatePart(Protocol):
+    """A part kept in meta.json under its name: JSON-able state."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class FilePart(Protocol):
+    """A part kept as files in the step folder, written and read by every rank."""
+
+    def save(self, root: Path, tag: str) -> None: ...
+
+    def load(self, found: Found, same_world: bool) -> None: ...
+
+
+@dataclass
+class Parts:
+    """What a checkpoint holds, by name: ``files`` load first (weights before the scheduler that
+    sets their optimizer's learning rate), then ``state`` in order."""
+
+    files: dict[str, FilePart]
+    state: dict[str, StatePart]
+
+
+@dataclass
+class TrainState:
+    """The optimizer step count: where the loop continues."""
+
+    step: int = 0
+
+    def state_dict(self) -> int:
+        return self.step
+
+    def load_state_dict(self, state: int) -> None:
+        self.step = int(state)
+
+
+class Record:
+    """Saved, never restored: what the checkpoint says about its run (config, fingerprints, the
+    frozen base). Its readers check it before anything is built (``check_fingerprints``,
+    ``base_weights.check_base``), so loading it back is a no-op."""
+
+    def __init__(self, value: Callable[[], Any]) -> None:
+        self._value = value
+
+    def state_dict(self) -> Any:
+        return self._value()
+
+    def load_state_dict(self, state: Any) -> None:
+        del state
+
+
+class SchedulerState:
+    """The LR schedule; loading also sets the optimizer groups to the schedule's current rate
+    (LambdaLR restores only its own counters)."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+
+
+class TrainableNames:
+    """Names of the trained parameters: a checkpoint of another trainable set is refused."""
+
+    def __init__(self, module: torch.nn.Module, where: Callable[[], str]) -> None:
+        self.module, self.where = module, where
+
+    def _names(self) -> list[str]:
+        return sorted(n for n, p in self.module.named_parameters() if p.requires_grad)
+
+    def state_dict(self) -> list[str]:
+        return self._names()
+
+    def load_state_dict(self, state: list[str]) -> None:
+        if self._names() != sorted(state):
+            raise CheckpointError(
+                f"{self.where()}: trainable parameters differ: checkpoint {state} "
+                f"vs model {self._names()}"
+            )
+
+
+class DeepSpeedState:
+    """Trainable weights and optimizer state through DeepSpeed, frozen parameters excluded; on
+    another world size from the universal conversion (``prepare_universal``)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def save(self, root: Path, tag: str) -> None:
+        with without_frozen(self.engine):
+            self.engine.save_checkpoint(
+                str(root),
+                tag=tag,
+                client_state={"universal_checkpoint_info": {}},
+                exclude_frozen_parameters=True,
+                save_latest=False,
+            )
+
+    def load(self, found: Found, same_world: bool) -> None:
+        load_dir, tag = (
+            (found.path.parent, found.path.name) if same_world else (found.path, "universal")
+        )
+        load_path, _ = self.engine.load_checkpoint(
+            str(load_dir),
+            tag=tag,
+            load_module_strict=False,  # frozen parameters are not in the checkpoint
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,  # SchedulerState restores it from meta.json
+        )
+        if load_path is None:
+            raise CheckpointError(f"{found.path}: DeepSpeed could not load it")
+
+
+class RankRng:
+    """This rank's Python, NumPy and torch RNG streams (``rng-rank{r}.pt``). On another world
+    size there is no matching stream: each rank reseeds from (seed + step, rank)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def save(self, root: Path, tag: str) -> None:
+        with atomic_path(root / tag / f"rng-rank{self.rank}.pt") as tmp:
+            torch.save(rng_state(), tmp)
+
+    def load(self, found: Found, same_world: bool) -> None:
+        rng_file = found.path / f"rng-rank{self.rank}.pt"
+        if same_world and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        else:
+            meta = found.meta
+            seed_rng(int(meta["config"]["train"]["seed"]) + int(meta["step"]), self.rank)
+
+
 def step_tag(step: int) -> str:
     return f"step-{step:07d}"
 
 
 def read_meta(step_dir: Path) -> dict[str, Any]:
+    """meta.json of a step folder, its format version checked."""
     try:
-        return json.loads((step_dir / META).read_text())
+        meta = json.loads((step_dir / META).read_text())
     except FileNotFoundError as e:
         raise CheckpointPathError(f"{step_dir}: incomplete checkpoint (no {META})") from e
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointPathError(f"{step_dir}/{META}: unreadable: {e}") from e
+    version = meta.get("format") if isinstance(meta, dict) else None
+    if not isinstance(version, int) or version < MIN_FORMAT_VERSION:
+        raise CheckpointPathError(
+            f"{step_dir}/{META}: checkpoint format {version!r} is older than this umbrella-ds "
+            f"reads ({MIN_FORMAT_VERSION}-{FORMAT_VERSION}); resume it with the version that wrote it"
+        )
+    if version > FORMAT_VERSION:
+        raise CheckpointPathError(
+            f"{step_dir}/{META}: checkpoint format {version} was written by a newer umbrella-ds "
+            f"(this one reads {MIN_FORMAT_VERSION}-{FORMAT_VERSION}); upgrade umbrella-ds"
+        )
+    return meta
 
 
 def resolve(path: str | Path) -> Path:
@@ -164,13 +325,24 @@ def dir_size(path: Path) -> int:
 
 
 class Checkpointer:
-    def __init__(self, cfg: CheckpointConfig, root: Path, rank: int, world_size: int) -> None:
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        root: Path,
+        rank: int,
+        world_size: int,
+        parts: Parts | None = None,
+    ) -> None:
         self.cfg = cfg
         self.root = root
         self.rank = rank
         self.world_size = world_size
+        self.parts = parts if parts is not None else Parts(files={}, state={})
+        clash = set(self.parts.state) & {"format", "tag", "world_size", "size_bytes"}
+        if clash:
+            raise ValueError(f"checkpoint part names {sorted(clash)} are reserved in {META}")
 
-    def save(self, engine, step: int, client: dict[str, Any]) -> Path:
+    def save(self, step: int) -> Path:
         """Every rank calls this; returns the step folder once ``latest`` names it."""
         tag = step_tag(step)
         step_dir = self.root / tag
@@ -182,30 +354,37 @@ class Checkpointer:
                 shutil.rmtree(step_dir)
         dist.barrier()
         try:
-            with without_frozen(engine):
-                engine.save_checkpoint(
-                    str(self.root),
-                    tag=tag,
-                    client_state={"umbrella": client, "universal_checkpoint_info": {}},
-                    exclude_frozen_parameters=True,
-                    save_latest=False,
-                )
-            _atomic_torch_save(rng_state(), step_dir / f"rng-rank{self.rank}.pt")
+            for part in self.parts.files.values():
+                part.save(self.root, tag)
         except (OSError, RuntimeError) as e:  # ENOSPC reaches us as either (torch's writer)
             raise CheckpointError(self._save_failed(step_dir, e)) from e
         dist.barrier()  # every rank's files are on disk
         _test_hook_die_during_save(self.rank, step)
         if self.rank == 0:
-            meta = dict(client, format=FORMAT_VERSION, tag=tag, world_size=self.world_size)
+            meta = {name: part.state_dict() for name, part in self.parts.state.items()}
+            meta.update(format=FORMAT_VERSION, tag=tag, world_size=self.world_size)
             meta["size_bytes"] = dir_size(step_dir)
             try:
-                _atomic_write(step_dir / META, json.dumps(meta, indent=1, sort_keys=True))
-                _atomic_write(self.root / LATEST, tag + "\n")
+                atomic_write_text(step_dir / META, json.dumps(meta, indent=1, sort_keys=True))
+                atomic_write_text(self.root / LATEST, tag + "\n")  # last: the step is now trusted
             except OSError as e:
                 raise CheckpointError(self._save_failed(step_dir, e)) from e
             self._prune(keep=tag)
         dist.barrier()
         return step_dir
+
+    def load(self, found: Found) -> None:
+        """Every part restores itself: files (weights, optimizer, RNG), then meta.json's parts."""
+        same_world = found.meta["world_size"] == self.world_size
+        for part in self.parts.files.values():
+            part.load(found, same_world)
+        missing = [name for name in self.parts.state if name not in found.meta]
+        optional = {"base"}  # recorded since the frozen-base fingerprint; older ones lack it
+        if set(missing) - optional:
+            raise CheckpointError(f"{found.path}: {META} lacks {sorted(set(missing) - optional)}")
+        for name, part in self.parts.state.items():
+            if name in found.meta:
+                part.load_state_dict(found.meta[name])
 
     def _save_failed(self, step_dir: Path, e: BaseException) -> str:
         """The message for a failed save: what failed, the free space, what is still trusted."""
@@ -259,36 +438,8 @@ class Checkpointer:
             if (value >= old["value"]) if lower else (value <= old["value"]):
                 return
         best = {"tag": step_dir.name, "metric": self.cfg.keep_best, "value": value}
-        _atomic_write(best_file, json.dumps(best))
-        _atomic_write(self.root / "best", step_dir.name + "\n")
-
-    def load(self, engine, found: Found) -> None:
-        """Load weights, optimizer and (same world size) RNG; the caller restores the rest."""
-        meta = found.meta
-        same_world = meta["world_size"] == self.world_size
-        load_dir, tag = (
-            (found.path.parent, found.path.name) if same_world else (found.path, "universal")
-        )
-        load_path, _ = engine.load_checkpoint(
-            str(load_dir),
-            tag=tag,
-            load_module_strict=False,  # frozen parameters are not in the checkpoint
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,  # restored from meta.json by the engine
-        )
-        if load_path is None:
-            raise CheckpointError(f"{found.path}: DeepSpeed could not load it")
-        trainable = sorted(n for n, p in engine.module.named_parameters() if p.requires_grad)
-        if trainable != sorted(meta["trainable"]):
-            raise CheckpointError(
-                f"{found.path}: trainable parameters differ: checkpoint {meta['trainable']} "
-                f"vs model {trainable}"
-            )
-        rng_file = found.path / f"rng-rank{self.rank}.pt"
-        if same_world and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
-        else:
-            seed_rng(int(meta["config"]["train"]["seed"]) + int(meta["step"]), self.rank)
+        atomic_write_text(best_file, json.dumps(best))
+        atomic_write_text(self.root / "best", step_dir.name + "\n")
 
 
 def prepare_universal(found: Found, rank: int, world_size: int) -> bool:
@@ -369,18 +520,3 @@ def _test_hook_die_during_save(rank: int, step: int) -> None:
     checkpoint the trusted one."""
     if rank == 0 and os.environ.get(DIE_DURING_SAVE_ENV) == str(step):
         os._exit(137)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""The training run: build -> restore -> loop (step, log, eval, save) -> close.
+"""The training run: build -> restore -> loop -> close, each a named function below.
 
 Exit statuses (docs/OPERATIONS.md): 0 finished, 75 stopped on SIGUSR1/SIGTERM after a complete
 checkpoint, 1 failed (including ``train.max_bad_steps`` non-finite steps in a row).
@@ -12,11 +12,11 @@ DeepSpeed's 1/accumulation scaling and averaging over ranks the gradient is that
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,33 +24,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from umbrella_ds.config import ConfigError, RunConfig
+from umbrella_ds.config import RunConfig
 from umbrella_ds.data import ResumableSampler
-from umbrella_ds.model import (
-    build_model,
-    find_patch_embed,
-    language_model,
-    lm_head,
-    model_forward_loss,
-    parameter_table,
-    projector,
-    vision_tower,
-)
-from umbrella_ds.model.build import random_init_path
-from umbrella_ds.provenance import write_provenance
+from umbrella_ds.data.collate import to_device
+from umbrella_ds.model import model_forward_loss
+from umbrella_ds.model.flops import FlopCounter, flop_counter
 from umbrella_ds.shards import open_dataset
 from umbrella_ds.train import checkpoint as ckpt
-from umbrella_ds.train import ds_setup, env, signals
-from umbrella_ds.train.base_weights import base_weights_sha256, check_base
-from umbrella_ds.train.evaluate import evaluate, task_name
-from umbrella_ds.train.inputs import (
-    Inputs,
-    build_inputs,
-    data_fingerprint,
-    to_device,
-    train_loader,
-)
-from umbrella_ds.train.run_logging import FlopCounter, RunLogger, device_peak, mfu
+from umbrella_ds.train import ds_setup, env, factory, signals
+from umbrella_ds.train.base_weights import check_base
+from umbrella_ds.train.compile import compile_blocks
+from umbrella_ds.train.evaluate import evaluate
+from umbrella_ds.train.inputs import Inputs, build_inputs, data_fingerprint, train_loader
+from umbrella_ds.train.preflight import check_keep_best_task
+from umbrella_ds.train.run_logging import RunLogger, device_peak, mfu
+from umbrella_ds.train.start_record import write_start
 
 log = logging.getLogger("umbrella_ds.train")
 
@@ -84,12 +72,42 @@ def run(cfg: RunConfig, resume: str = "auto", allow_fingerprint_mismatch: bool =
 
 
 def _run(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) -> int:
-    import deepspeed
+    state = build(cfg, denv, resume, allow_mismatch)
+    try:
+        restore(state)
+        return loop(state)
+    finally:
+        close(state)
 
+
+@dataclass
+class Run:
+    """Everything a run holds between build and close."""
+
+    cfg: RunConfig
+    denv: env.DistEnv
+    device: torch.device
+    found: ckpt.Found | None
+    fingerprints: dict[str, str]
+    model: nn.Module
+    tokenizer: Any
+    inputs: Inputs
+    engine: Any  # deepspeed.DeepSpeedEngine around LossModule
+    scheduler: Any
+    sampler: ResumableSampler
+    train_state: ckpt.TrainState
+    checkpointer: ckpt.Checkpointer
+    flops: FlopCounter
+    logger: RunLogger | None = None
+
+
+# ---------------------------------------------------------------- build
+
+
+def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) -> Run:
+    """Refuse a checkpoint of another config/data first, then model, inputs, DeepSpeed, parts."""
     rank, world = denv.rank, denv.world_size
     out = Path(cfg.output_dir)
-    device = env.device_for(denv)
-    # -- build
     fingerprints = {
         "config": cfg.fingerprint(),
         "model": cfg.model_fingerprint(),
@@ -104,41 +122,18 @@ def _run(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) -
     dist.barrier()
     ds_cfg = ds_setup.resolve_ds_config(cfg.train, world, load_universal=universal)
     zero3 = ds_setup.zero_stage(ds_cfg) == 3
-    all_mods = tuple(cfg.model.modalities)
-    pretrained = cfg.model.init_kind == "pretrained"
-    pretrained_zero3 = zero3 and pretrained
-    # DeepSpeed casts every parameter to bf16 in a bf16 run anyway; reading pretrained weights as
-    # bf16 halves the host memory each rank needs while loading (14 GB instead of 28 for a 7B).
-    # Random init stays fp32, so the presets' initial values do not depend on train.bf16.
-    build_dtype = torch.bfloat16 if cfg.train.bf16 and pretrained else torch.float32
     if rank == 0:
         log.info(
-            "model %s: %s init, built in %s%s", cfg.model.source, cfg.model.init_kind, build_dtype,
-            ", loaded straight into the ZeRO-3 partitions" if pretrained_zero3 else "",
+            "model %s: %s init, built in %s%s", cfg.model.source, cfg.model.init_kind,
+            factory.build_dtype(cfg.model, cfg.train.bf16),
+            ", loaded straight into the ZeRO-3 partitions"
+            if zero3 and cfg.model.init_kind == "pretrained" else "",
         )  # fmt: skip
-    with (
-        ds_setup.zero3_pretrained_loading(ds_cfg) if pretrained_zero3 else contextlib.nullcontext()
-    ):
-        model, tokenizer = build_model(
-            cfg.model.source,
-            modalities={
-                m: {"size": s.size, "patch": s.patch} for m, s in cfg.model.modalities.items()
-            },
-            init=cfg.model.init,
-            dtype=build_dtype,
-            zero3_init=(lambda: deepspeed.zero.Init(config_dict_or_path=ds_cfg)) if zero3 else None,
-            activation_checkpointing=(
-                cfg.model.checkpointing.vision,
-                cfg.model.checkpointing.language,
-            ),
-            seed=cfg.train.seed,
-        )
+    built = factory.build_for_run(cfg, ds_cfg)
+    model = built.model
     # The frozen base as this run sees it (gathered under ZeRO-3): saved with every checkpoint,
     # so export and evaluation can refuse a rebuild that is not the base the run trained on.
-    base = {
-        "weights_sha256": base_weights_sha256(model),
-        "init_path": random_init_path(zero3, cfg.model.init_kind),
-    }
+    base = factory.base_record(built)
     if found:
         check_base(
             found.meta.get("base", {}).get("weights_sha256"), base["weights_sha256"],
@@ -149,11 +144,13 @@ def _run(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) -
         n_blocks = compile_blocks(model, zero3=zero3)
         if rank == 0:
             log.info("train.compile=blocks: compiled %d transformer blocks", n_blocks)
-    inputs = build_inputs(cfg.data, cfg.model, model, tokenizer, cfg.train.seed)
-    _check_keep_best_task(cfg, inputs)
+    inputs = build_inputs(cfg.data, cfg.model, model, built.tokenizer, cfg.train.seed)
+    check_keep_best_task(cfg, inputs)
     ck = cfg.model.checkpointing
     flops = flop_counter(model, (ck.vision, ck.language))
-    engine, sched = ds_setup.initialize(LossModule(model, all_mods), cfg.train, ds_cfg)
+    engine, sched = ds_setup.initialize(
+        LossModule(model, tuple(cfg.model.modalities)), cfg.train, ds_cfg
+    )
     sampler = ResumableSampler(
         len(inputs.train_set),
         world_size=world,
@@ -163,111 +160,146 @@ def _run(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) -
         drop_last=True,
         global_batch_size=cfg.train.global_batch,
     )
-    checkpointer = ckpt.Checkpointer(cfg.checkpoint, out / "checkpoints", rank, world)
-    # -- restore
-    step = 0
+    train_state = ckpt.TrainState()
+    parts = checkpoint_parts(cfg, engine, sched, sampler, train_state, fingerprints, base, rank)
+    checkpointer = ckpt.Checkpointer(cfg.checkpoint, out / "checkpoints", rank, world, parts)
+    return Run(
+        cfg, denv, env.device_for(denv), found, fingerprints, model, built.tokenizer, inputs,
+        engine, sched, sampler, train_state, checkpointer, flops,
+    )  # fmt: skip
+
+
+def checkpoint_parts(
+    cfg: RunConfig, engine, sched, sampler, train_state, fingerprints, base, rank: int
+) -> ckpt.Parts:
+    """What a checkpoint holds, one line a part (names are meta.json keys or file groups)."""
+    return ckpt.Parts(
+        files={
+            "model_and_optimizer": ckpt.DeepSpeedState(engine),  # trainable weights + optimizer
+            "rng": ckpt.RankRng(rank),
+        },
+        state={
+            "step": train_state,
+            "sampler": sampler,
+            "scheduler": ckpt.SchedulerState(sched),
+            "epoch": ckpt.Record(lambda: sampler.epoch),
+            "consumed_samples": ckpt.Record(lambda: sampler.consumed),
+            "config": ckpt.Record(cfg.to_dict),
+            "fingerprints": ckpt.Record(lambda: fingerprints),
+            "base": ckpt.Record(lambda: base),
+            "trainable": ckpt.TrainableNames(engine.module, lambda: "the checkpoint"),
+        },
+    )
+
+
+# ---------------------------------------------------------------- restore
+
+
+def restore(state: Run) -> None:
+    """Seed each rank's streams; a found checkpoint's parts restore themselves over them."""
+    cfg, rank = state.cfg, state.denv.rank
     ckpt.seed_rng(cfg.train.seed, rank)
-    if found:
-        checkpointer.load(engine, found)
-        step = int(found.meta["step"])
-        sampler.load_state_dict(found.meta["sampler"])
-        sched.load_state_dict(found.meta["scheduler"])
-        for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
-            group["lr"] = lr
+    if state.found:
+        state.checkpointer.load(state.found)
         if rank == 0:
-            log.info("resumed from %s at step %d", found.path, step)
-    logger = RunLogger(cfg.log, out, rank, cfg.train.max_steps, step, config=cfg.to_dict())
-    _write_start(logger, denv, cfg, fingerprints, found, model)
-    trainer = _Trainer(cfg, engine, sched, sampler, inputs, tokenizer, checkpointer, logger, flops)
-    trainer.fingerprints, trainer.base = fingerprints, base
-    trainer.device, trainer.rank, trainer.world, trainer.all_mods = device, rank, world, all_mods
-    try:
-        return trainer.loop(step)
-    finally:
-        logger.close()
+            log.info("resumed from %s at step %d", state.found.path, state.train_state.step)
+    state.logger = RunLogger(
+        cfg.log, Path(cfg.output_dir), rank, cfg.train.max_steps, state.train_state.step,
+        config=cfg.to_dict(),
+    )  # fmt: skip
+    write_start(state.logger, state.denv, cfg, state.fingerprints, state.found, state.model)
 
 
-class _Trainer:
-    """The loop and its per-step pieces; state lives in the objects it was given."""
+# ---------------------------------------------------------------- loop
 
-    def __init__(
-        self, cfg, engine, sched, sampler, inputs: Inputs, tokenizer, checkpointer, logger, flops
-    ):
-        self.cfg, self.engine, self.sched, self.sampler = cfg, engine, sched, sampler
-        self.inputs, self.tokenizer, self.checkpointer, self.logger = (
-            inputs,
-            tokenizer,
-            checkpointer,
-            logger,
+
+def loop(state: Run) -> int:
+    """Steps until train.max_steps: fetch, agree, step, log, save, evaluate; stop on a signal."""
+    t = state.cfg.train
+    steps = _Steps(state)
+    loader = train_loader(state.inputs, state.sampler, t.micro_batch, state.cfg.data)
+    batches_iter = iter(loader)
+    bad = 0
+    last_saved: Path | None = None
+    while state.train_state.step < t.max_steps:
+        t0 = time.perf_counter()
+        if state.sampler.exhausted:
+            state.sampler.set_epoch(state.sampler.epoch + 1)
+            batches_iter = iter(loader)
+        batches = [next(batches_iter) for _ in range(steps.gas)]
+        t_data = time.perf_counter() - t0
+        counts = steps.agree(batches)
+        step = state.train_state.step
+        if counts["stop"]:
+            steps.save(step)
+            if state.denv.rank == 0:
+                log.warning("stopped on %s at step %d after saving", signals.requested(), step)
+            return EXIT_SIGNAL
+        lr = state.scheduler.get_last_lr()[0]
+        loss, applied = steps.step(batches, counts, step + 1)
+        state.sampler.advance(t.global_batch)
+        step = state.train_state.step = step + 1
+        bad = 0 if applied and math.isfinite(loss) else bad + 1
+        if bad:
+            if state.denv.rank == 0:
+                log.warning("step %d: non-finite loss/gradients (%s), update skipped", step, loss)
+            if bad >= t.max_bad_steps:
+                if state.denv.rank == 0:
+                    log.error(
+                        "%d non-finite steps in a row: stopping; last good checkpoint: %s",
+                        bad, last_saved or "none",
+                    )  # fmt: skip
+                return EXIT_FAILED
+        steps.log(step, loss, lr, applied, counts, time.perf_counter() - t0, t_data)
+        saved = None
+        eval_due = _due(step, state.cfg.eval.every_steps) or (
+            step == t.max_steps and state.cfg.eval.at_end
         )
-        self.flops = flops
-        self.gas = cfg.train.accumulation(dist.get_world_size())
+        # With checkpoint.keep_best every evaluation saves first: a best can only be kept if a
+        # checkpoint exists at its step (eval.every_steps need not divide checkpoint.every_steps).
+        if (
+            _due(step, state.cfg.checkpoint.every_steps)
+            or step == t.max_steps
+            or (eval_due and state.cfg.checkpoint.keep_best and state.inputs.eval_set)
+        ):
+            saved = last_saved = steps.save(step)
+        if eval_due:
+            steps.evaluate(step, saved)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- close
+
+
+def close(state: Run) -> None:
+    if state.logger is not None:
+        state.logger.close()
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+class _Steps:
+    """The loop's per-step pieces over a Run."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.cfg, self.engine, self.sampler = run.cfg, run.engine, run.sampler
+        self.inputs, self.tokenizer, self.flops = run.inputs, run.tokenizer, run.flops
+        self.checkpointer = run.checkpointer
+        self.device, self.rank, self.world = run.device, run.denv.rank, run.denv.world_size
+        self.all_mods = tuple(run.cfg.model.modalities)
+        self.gas = run.cfg.train.accumulation(self.world)
         self.device_name, self.peak, self.peak_name = device_peak()
         self.nan_steps = {int(s) for s in os.environ.get(NAN_STEPS_ENV, "").split(",") if s.strip()}
 
-    def loop(self, step: int) -> int:
-        t = self.cfg.train
-        loader = train_loader(self.inputs, self.sampler, t.micro_batch, self.cfg.data)
-        batches_iter = iter(loader)
-        bad = 0
-        last_saved: Path | None = None
-        while step < t.max_steps:
-            t0 = time.perf_counter()
-            if self.sampler.exhausted:
-                self.sampler.set_epoch(self.sampler.epoch + 1)
-                batches_iter = iter(loader)
-            batches = [next(batches_iter) for _ in range(self.gas)]
-            t_data = time.perf_counter() - t0
-            counts = self._agree(batches)
-            if counts["stop"]:
-                self._save(step)
-                if self.rank == 0:
-                    log.warning("stopped on %s at step %d after saving", signals.requested(), step)
-                return EXIT_SIGNAL
-            lr = self.sched.get_last_lr()[0]
-            loss, applied = self._step(batches, counts, step + 1)
-            self.sampler.advance(t.global_batch)
-            step += 1
-            if not applied or not math.isfinite(loss):
-                bad += 1
-                if self.rank == 0:
-                    log.warning(
-                        "step %d: non-finite loss/gradients (%s), update skipped", step, loss
-                    )
-                if bad >= t.max_bad_steps:
-                    if self.rank == 0:
-                        log.error(
-                            "%d non-finite steps in a row: stopping; last good checkpoint: %s",
-                            bad,
-                            last_saved or "none",
-                        )
-                    return EXIT_FAILED
-            else:
-                bad = 0
-            dt = time.perf_counter() - t0
-            self._log(step, loss, lr, applied, counts, dt, t_data)
-            saved = None
-            eval_due = self._due(step, self.cfg.eval.every_steps) or (
-                step == t.max_steps and self.cfg.eval.at_end
-            )
-            # With checkpoint.keep_best every evaluation saves first: a best can only be kept if
-            # a checkpoint exists at its step (eval.every_steps need not divide into
-            # checkpoint.every_steps).
-            if (
-                self._due(step, self.cfg.checkpoint.every_steps)
-                or step == t.max_steps
-                or (eval_due and self.cfg.checkpoint.keep_best and self.inputs.eval_set)
-            ):
-                saved = last_saved = self._save(step)
-            if eval_due:
-                self._evaluate(step, saved)
-        return EXIT_OK
+    @property
+    def logger(self) -> RunLogger:
+        assert self.run.logger is not None
+        return self.run.logger
 
-    @staticmethod
-    def _due(step: int, every: int) -> bool:
-        return every > 0 and step % every == 0
-
-    def _agree(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
+    def agree(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
         """One all-reduce: supervised tokens, tokens, image tokens and the stop flag.
 
         Collective tensors live on the training device: NCCL, the GPU backend, has no CPU
@@ -291,7 +323,7 @@ class _Trainer:
             "stop": stop > 0,
         }
 
-    def _step(
+    def step(
         self, batches: list[dict[str, Any]], counts: dict[str, Any], step: int
     ) -> tuple[float, bool]:
         normaliser = ds_setup.loss_normaliser(counts["loss_tokens"], self.world, self.gas)
@@ -308,7 +340,7 @@ class _Trainer:
         dist.all_reduce(loss_sum)
         return float(loss_sum) / counts["loss_tokens"], bool(self.engine.was_step_applied())
 
-    def _log(self, step, loss, lr, applied, counts, dt, t_data) -> None:
+    def log(self, step, loss, lr, applied, counts, dt, t_data) -> None:
         if step % self.cfg.log.every_steps and step != self.cfg.train.max_steps:
             return
         grad_norm = self.engine.get_global_grad_norm()
@@ -332,26 +364,13 @@ class _Trainer:
         self.logger.write(record)
         self.logger.progress(step, loss, lr)
 
-    def _save(self, step: int) -> Path:
-        client = {
-            "step": step,
-            "epoch": self.sampler.epoch,
-            "consumed_samples": self.sampler.consumed,
-            "sampler": self.sampler.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "config": self.cfg.to_dict(),
-            "fingerprints": self.fingerprints,
-            "base": self.base,
-            "trainable": sorted(
-                n for n, p in self.engine.module.named_parameters() if p.requires_grad
-            ),
-        }
-        path = self.checkpointer.save(self.engine, step, client)
+    def save(self, step: int) -> Path:
+        path = self.checkpointer.save(step)
         if self.rank == 0:
             log.info("saved %s", path)
         return path
 
-    def _evaluate(self, step: int, saved: Path | None) -> None:
+    def evaluate(self, step: int, saved: Path | None) -> None:
         if self.inputs.eval_set is None:
             return
         records = evaluate(
@@ -373,132 +392,6 @@ class _Trainer:
             self.checkpointer.record_eval(saved, records)
         if self.rank == 0 and records:
             log.info("eval at step %d: %s", step, records[-1])
-
-
-def _check_keep_best_task(cfg: RunConfig, inputs: Inputs) -> None:
-    """A keep_best naming a task the evaluation set does not have would never record a best
-    checkpoint; say so before training rather than after it."""
-    key = cfg.checkpoint.keep_best_key()
-    if key is None or key[0] == "all" or inputs.eval_set is None:
-        return
-    tasks = sorted({task_name(t) for t in inputs.eval_set.tasks})
-    if key[0] not in tasks:
-        raise ConfigError(
-            f"checkpoint.keep_best={cfg.checkpoint.keep_best!r}: the evaluation set has no task "
-            f"{key[0]!r} (its tasks: {tasks}; a bare metric name uses the mean over them)"
-        )
-
-
-def _write_start(logger: RunLogger, denv: env.DistEnv, cfg: RunConfig, fps, found, model) -> None:
-    hosts: list[Any] = [None] * denv.world_size
-    dist.all_gather_object(
-        hosts, {"rank": denv.rank, "host": denv.host, "slurm_node": denv.slurm_node}
-    )
-    if denv.rank == 0:
-        write_provenance(
-            cfg.output_dir,
-            kind="train",
-            config=cfg.to_dict(),
-            inputs=dict(fps),
-            extra={"launcher": denv.launcher, "resumed_from": str(found.path) if found else None},
-            ranks=[{"rank": h["rank"], "host": h["host"], "node": h["slurm_node"]} for h in hosts],
-        )
-        _, table = parameter_table(model)
-        image_tokens = [spec.describe(m) for m, spec in find_patch_embed(model).specs.items()]
-        log.info("image tokens per modality:\n  %s", "\n  ".join(image_tokens))
-        device_name, peak, peak_name = device_peak()
-        logger.write(
-            {
-                "split": "start",
-                "time": time.time(),
-                "world_size": denv.world_size,
-                "launcher": denv.launcher,
-                "ranks": hosts,
-                "resumed_from": str(found.path) if found else None,
-                "fingerprints": fps,
-                "parameters": table,
-                "image_tokens": image_tokens,
-                "device": device_name,
-                "peak_flops": peak,
-                "peak_name": peak_name,
-            }
-        )
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """Every encoder layer of the vision tower and decoder layer of the language model."""
-    return [
-        m for m in model.modules() if type(m).__name__.endswith(("EncoderLayer", "DecoderLayer"))
-    ]
-
-
-def compile_blocks(model: nn.Module, zero3: bool = False) -> int:
-    """Regional compilation (``train.compile=blocks``): ``module.compile()`` on every block.
-
-    Compiling blocks, not the whole model, keeps compile time to one graph per block type and
-    leaves the host-built index gathers, the per-modality loop and DeepSpeed's engine eager.
-    Call it after the model is built and before ``deepspeed.initialize``.
-
-    ZeRO-3 registers parameter-gathering hooks on every submodule; inside a compiled block each
-    of them is a graph break (they are ``torch.compiler.disable``d) and the NVTX-wrapped
-    post-forward hook makes dynamo recompile until it hits its recompile limit. So under ZeRO-3
-    each block is declared a ZeRO-3 *leaf module*: its parameters are gathered once at block
-    entry and released at exit, hooks sit only on the block, and the block body compiles as one
-    graph. NVTX ranges are switched off, as ``DeepSpeedEngine.compile`` does, for the same reason.
-    Returns the number of blocks compiled.
-    """
-    blocks = transformer_blocks(model)
-    if not blocks:
-        raise RuntimeError("train.compile=blocks: found no transformer blocks to compile")
-    if zero3:
-        import deepspeed.utils.nvtx
-        from deepspeed.utils import set_z3_leaf_modules
-
-        deepspeed.utils.nvtx.enable_nvtx = False
-        set_z3_leaf_modules(model, sorted({type(b) for b in blocks}, key=lambda t: t.__name__))
-    for block in blocks:
-        block.compile()
-    return len(blocks)
-
-
-def _numel(module: nn.Module) -> int:
-    # ZeRO-3 partitioned parameters are empty locally; ds_numel is the full size.
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
-
-
-def _feature_layers(layer: int | list[int], num_layers: int) -> int:
-    """Encoder layers the selected hidden state depends on (hidden_states[0] = embeddings)."""
-    idx = [layer] if isinstance(layer, int) else list(layer)
-    return max(i if i >= 0 else num_layers + 1 + i for i in idx)
-
-
-def flop_counter(model: nn.Module, checkpointing: tuple[bool, bool]) -> FlopCounter:
-    """The FLOP formula's parameter counts, read from the built model (see run_logging)."""
-    tower = vision_tower(model)
-    vt = getattr(tower, "vision_model", tower)
-    layers = list(vt.encoder.layers)
-    per_layer = [_numel(m) for m in layers]
-    grad_layers = sum(per_layer[: _feature_layers(model.config.vision_feature_layer, len(layers))])
-    proj = _numel(projector(model))
-    head = getattr(vt, "head", None)  # SigLIP pooling head: runs forward, gets no gradient
-    head_kv = 0
-    if head is not None:
-        h_v = int(vt.config.hidden_size)
-        head_kv = 2 * h_v * h_v  # key/value projections of every token (the query is one probe)
-    lm = language_model(model)
-    n_lang = sum(_numel(m) for m in lm.layers)
-    weight = lm_head(model).weight
-    vocab, hidden = (int(x) for x in getattr(weight, "ds_shape", weight.shape))
-    vision_ck, language_ck = checkpointing
-    return FlopCounter(
-        vision_forward=sum(per_layer) + proj + head_kv,
-        vision_backward=grad_layers + proj,
-        language=n_lang,
-        hidden=hidden,
-        vocab=vocab,
-        vision_recompute=grad_layers if vision_ck else 0,
-        language_recompute=n_lang if language_ck else 0,
-    )
 
 
 def _setup_logging(rank: int) -> None:

@@ -131,22 +131,10 @@ def default_out(src: Source) -> Path:
     return src.path.parent.parent / f"eval-{src.path.name}"
 
 
-def cast_parameters(model, bf16: bool) -> None:
-    """What DeepSpeed's bf16 engine does to the module: parameters to bf16, buffers untouched
-    (rotary ``inv_freq`` stays fp32). ``model.to(bf16)`` would also cast buffers and change the
-    numbers, so evaluation after training would not reproduce evaluation during it."""
-    import torch
-
-    if not bf16:
-        return
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != torch.bfloat16:
-            p.data = p.data.to(torch.bfloat16)
-
-
 def load_model(src: Source, base: str | None):
     """The patched model and tokenizer in the dtype the run evaluated in, in eval mode."""
     from umbrella_ds.train.export import BaseMismatchError, load_checkpoint_model, load_trained
+    from umbrella_ds.train.factory import cast_like_deepspeed
 
     try:
         if src.kind == "export":
@@ -155,7 +143,7 @@ def load_model(src: Source, base: str | None):
             model, tokenizer = load_checkpoint_model(src.path, base=base)
     except BaseMismatchError as exc:  # another base than the run trained on: the user's to fix
         raise UsageError(f"--base: {exc}") from exc
-    cast_parameters(model, src.config.train.bf16)
+    cast_like_deepspeed(model, src.config.train.bf16)
     model.eval()
     return model, tokenizer
 
@@ -198,8 +186,9 @@ def run(args: argparse.Namespace) -> int:
 def _run(src: Source, args, denv, data_dir: Path, files: list[str], out: Path) -> int:
     import torch.distributed as dist
 
+    from umbrella_ds.io import atomic_write_text
     from umbrella_ds.provenance import write_provenance
-    from umbrella_ds.shards import atomic_write_text, open_dataset
+    from umbrella_ds.shards import open_dataset
     from umbrella_ds.train import env
     from umbrella_ds.train.evaluate import evaluate_set
     from umbrella_ds.train.inputs import build_inputs

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,11 @@ import torch
 import torch.distributed as dist
 
 from umbrella_ds.config import EvalConfig
+from umbrella_ds.data.collate import to_device
 from umbrella_ds.data.template import ChatTemplate, select_template
+from umbrella_ds.io import atomic_write_text
 from umbrella_ds.model import greedy_generate, model_forward_loss
-from umbrella_ds.train.inputs import Inputs, to_device
+from umbrella_ds.train.inputs import Inputs
 from umbrella_ds.train.metrics import class_vocabulary, is_regression, score, target_label
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,4 @@ def _write_predictions(out_dir: Path, step: int, preds: list[dict[str, Any]]) ->
     step_dir = out_dir / "eval" / f"step-{step:07d}"
     step_dir.mkdir(parents=True, exist_ok=True)
     for path in (step_dir / "predictions.jsonl", out_dir / "predictions.jsonl"):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)

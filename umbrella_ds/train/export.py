@@ -35,7 +35,9 @@ from typing import Any
 
 import torch
 
+from umbrella_ds.io import atomic_write_text
 from umbrella_ds.train.base_weights import BaseMismatchError, base_weights_sha256, check_base
+from umbrella_ds.train.factory import build, modality_specs, rebuild_for_checkpoint
 
 log = logging.getLogger(__name__)
 __all__ = ["BaseMismatchError", "export", "load_checkpoint_model", "load_trained", "trained_state"]
@@ -87,7 +89,7 @@ def export(ckpt: str | Path, out: str | Path, shards: str | Path | None = None) 
     cfg = config_from_dict(meta["config"])
     preprocessing, shards_fp = training_preprocessing(shards or cfg.data.shards)
     state = trained_state(step_dir)
-    model, tokenizer, base_info = rebuild_trained_base(step_dir, meta)
+    model, tokenizer, base_info = rebuild_for_checkpoint(step_dir, meta)
     patch = find_patch_embed(model)
     prefix = _module_prefix(model, patch)
     patch_state = {
@@ -125,7 +127,7 @@ def export(ckpt: str | Path, out: str | Path, shards: str | Path | None = None) 
         "init": cfg.model.init,
         "init_path": base_info["init_path"],
         "seed": cfg.train.seed,
-        "modalities": _modalities(cfg.model),
+        "modalities": modality_specs(cfg.model),
         "tokens_per_image": {m: num_image_tokens(model, m) for m in cfg.model.modalities},
         "preprocessing": preprocessing,
         "shards_fingerprint": shards_fp,
@@ -134,9 +136,8 @@ def export(ckpt: str | Path, out: str | Path, shards: str | Path | None = None) 
         "fingerprints": meta["fingerprints"],
         "run_config": meta["config"],
     }
-    tmp = out / (EXPORT_INFO + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1))
-    tmp.replace(out / EXPORT_INFO)  # written last: a directory without it is not an export
+    # written last: a directory without it is not an export
+    atomic_write_text(out / EXPORT_INFO, json.dumps(info, indent=1))
     return out
 
 
@@ -156,12 +157,12 @@ def load_trained(
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from umbrella_ds.model import build_model, find_patch_embed
+    from umbrella_ds.model import find_patch_embed
 
     path = Path(path)
     info: dict[str, Any] = json.loads((path / EXPORT_INFO).read_text())
     source = str(base) if base is not None else (info["base"]["path"] or info["base"]["preset"])
-    model, tokenizer = build_model(
+    model, tokenizer = build(
         source,
         modalities=info["modalities"],
         init=info["init"],
@@ -192,7 +193,7 @@ def load_checkpoint_model(ckpt: str | Path, base: str | Path | None = None, dtyp
     from umbrella_ds.train.checkpoint import read_meta, resolve
 
     step_dir = resolve(ckpt)
-    model, tokenizer, _ = rebuild_trained_base(step_dir, read_meta(step_dir), base, dtype)
+    model, tokenizer, _ = rebuild_for_checkpoint(step_dir, read_meta(step_dir), base, dtype)
     state = trained_state(step_dir)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     if sorted(state) != trainable:
@@ -202,52 +203,6 @@ def load_checkpoint_model(ckpt: str | Path, base: str | Path | None = None, dtyp
     model.load_state_dict(state, strict=False)
     model.eval()
     return model, tokenizer
-
-
-def rebuild_trained_base(
-    step_dir: Path,
-    meta: dict[str, Any],
-    base: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
-):
-    """(model, tokenizer, base record) of a checkpoint's run, rebuilt on one process.
-
-    The base is drawn the way the run drew it (``init_path``: a ZeRO-3 random init draws other
-    values than a whole one) and must hash to what the run recorded, or BaseMismatchError names
-    both hashes. Checkpoints from before the record derive the path from the run config and are
-    not checked.
-    """
-    from umbrella_ds.config import config_from_dict
-    from umbrella_ds.model import build_model
-    from umbrella_ds.model.build import random_init_path
-    from umbrella_ds.train.ds_setup import load_ds_json, zero_stage
-
-    cfg = config_from_dict(meta["config"])
-    recorded = dict(meta.get("base") or {})
-    init_path = recorded.get("init_path") or random_init_path(
-        zero_stage(load_ds_json(cfg.train.deepspeed)) == 3, cfg.model.init_kind
-    )
-    source = str(base) if base is not None else cfg.model.source
-    model, tokenizer = build_model(
-        source,
-        modalities=_modalities(cfg.model),
-        init=cfg.model.init,
-        dtype=dtype,
-        seed=cfg.train.seed,
-        init_path=init_path,
-    )
-    rebuilt = base_weights_sha256(model)
-    check_base(
-        recorded.get("weights_sha256"), rebuilt, what=str(step_dir), source=source,
-        hint="pass --base with the base the run trained on",
-    )  # fmt: skip
-    return model, tokenizer, {"weights_sha256": rebuilt, "init_path": init_path}
-
-
-def _modalities(model_cfg) -> dict[str, dict[str, list[int]]]:
-    return {
-        m: {"size": list(s.size), "patch": list(s.patch)} for m, s in model_cfg.modalities.items()
-    }
 
 
 def _module_prefix(model: torch.nn.Module, module: torch.nn.Module) -> str:

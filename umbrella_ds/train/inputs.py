@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from umbrella_ds import modality as modality_table
 from umbrella_ds.config import ConfigError, DataConfig, ModelConfig
 from umbrella_ds.data import (
@@ -138,18 +136,3 @@ def train_loader(inputs: Inputs, sampler: ResumableSampler, micro_batch: int, da
         persistent_workers=True,
         seed=sampler.seed,
     )
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors (also inside the per-modality dicts) to ``device``; host-side lists stay."""
-    if device.type == "cpu":
-        return batch
-
-    def move(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return v.to(device, non_blocking=True)
-        if isinstance(v, dict):
-            return {k: move(x) for k, x in v.items()}
-        return v
-
-    return {k: move(v) for k, v in batch.items()}

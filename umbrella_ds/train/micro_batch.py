@@ -32,7 +32,8 @@ from collections.abc import Callable
 import torch
 
 from umbrella_ds.config import RunConfig
-from umbrella_ds.model import build_model, image_token_id, model_forward_loss, num_image_tokens
+from umbrella_ds.data.collate import to_device
+from umbrella_ds.model import image_token_id, model_forward_loss, num_image_tokens
 
 GIB = 1024**3
 
@@ -127,31 +128,14 @@ def synthetic_batch(
     }
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    def move(v):
-        if isinstance(v, torch.Tensor):
-            return v.to(device)
-        if isinstance(v, dict):
-            return {k: move(x) for k, x in v.items()}
-        return v
-
-    return {k: move(v) for k, v in batch.items()}
-
-
 def build_like_engine(cfg: RunConfig, device: torch.device):
-    """The engine's model on one process: same source, checkpointing, compile; bf16 as DeepSpeed."""
-    from umbrella_ds.train.engine import compile_blocks
+    """The engine's model on one process: the factory's build, cast as DeepSpeed casts, compiled
+    as training compiles it, so the finder measures the model training runs."""
+    from umbrella_ds.train.compile import compile_blocks
+    from umbrella_ds.train.factory import build_for_run, cast_like_deepspeed
 
-    model, _ = build_model(
-        cfg.model.source,
-        modalities={m: {"size": s.size, "patch": s.patch} for m, s in cfg.model.modalities.items()},
-        init=cfg.model.init,
-        dtype=torch.float32,
-        activation_checkpointing=(cfg.model.checkpointing.vision, cfg.model.checkpointing.language),
-        seed=cfg.train.seed,
-    )
-    if cfg.train.bf16:
-        model = model.to(torch.bfloat16)
+    model = build_for_run(cfg).model
+    cast_like_deepspeed(model, cfg.train.bf16)
     model = model.to(device).train()
     if cfg.train.compile == "blocks":
         compile_blocks(model)
@@ -172,7 +156,7 @@ def run_trial(
     """One warm-up and ``steps`` timed forward+backward passes at ``micro_batch``."""
     mods = tuple(cfg.model.modalities)
     cuda = device.type == "cuda"
-    batch = _to(synthetic_batch(model, cfg, micro_batch, text_tokens, answer_tokens), device)
+    batch = to_device(synthetic_batch(model, cfg, micro_batch, text_tokens, answer_tokens), device)
 
     def step() -> None:
         loss, _ = model_forward_loss(model, batch, batch["num_loss_tokens"], all_modalities=mods)

@@ -64,3 +64,19 @@ def check_run(cfg: RunConfig) -> None:
     if problem := model_source_problem(cfg.model.source):
         raise ConfigError(f"{key}: {problem}")
     load_ds_json(cfg.train.deepspeed)  # ConfigError naming train.deepspeed if unreadable
+
+
+def check_keep_best_task(cfg: RunConfig, inputs) -> None:
+    """A keep_best naming a task the evaluation set does not have would never record a best
+    checkpoint; say so before training rather than after it (``inputs``: train.inputs.Inputs)."""
+    from umbrella_ds.train.evaluate import task_name
+
+    key = cfg.checkpoint.keep_best_key()
+    if key is None or key[0] == "all" or inputs.eval_set is None:
+        return
+    tasks = sorted({task_name(t) for t in inputs.eval_set.tasks})
+    if key[0] not in tasks:
+        raise ConfigError(
+            f"checkpoint.keep_best={cfg.checkpoint.keep_best!r}: the evaluation set has no task "
+            f"{key[0]!r} (its tasks: {tasks}; a bare metric name uses the mean over them)"
+        )

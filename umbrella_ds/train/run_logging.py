@@ -8,28 +8,9 @@ metrics.jsonl records, one JSON object a line:
   "tokens_per_s", "mfu", "data_wait_frac", "skipped"}`` per optimizer step
 - ``{"split": "eval", "step", "task", "loss", accuracy ... }`` per evaluated task
 
-MFU (model FLOPs utilisation) counts the useful work of a step and divides by the step time and
-the dense bf16 peak of all GPUs (null on CPU or an unknown GPU; the peak and its name are in the
-``start`` record). Only the patch embedding trains, so frozen weights need no weight gradients:
-the backward pass costs activation gradients only, and only where the gradient passes. With
-
-  T_img  image tokens into the vision tower       T  non-pad tokens into the language model
-  K      supervised positions                     H  text hidden size,  V  vocabulary
-  N_vf   vision parameters a token passes forward: every encoder layer that runs, the
-         projector, and (SigLIP pooling head, if the tower has one) its key/value projections
-  N_vb   vision parameters the gradient passes back through: encoder layers up to the selected
-         ``vision_feature_layer``, and the projector
-  N_l    decoder-layer parameters (token embedding, final norm and LM head excluded)
-
-    forward    2 (N_vf T_img + N_l T + H V K)        (the LM head only at the K positions)
-    backward   2 (N_vb T_img + N_l T + H V K)        activation gradients only
-    useful     forward + backward                    -> mfu
-
-Left out: attention-score FLOPs (short sequences), norms/activations, and the patch embedding
-itself (< 2% of the vision tower). Recomputation under activation checkpointing is not useful
-work: another forward of the checkpointed layers the gradient passes,
-2 (N_vb_layers T_img [vision on] + N_l T [language on]), is added for ``hfu`` (hardware FLOPs
-utilisation), reported beside ``mfu`` when checkpointing is on.
+MFU (model FLOPs utilisation) counts the useful work of a step (``model.flops``: the formula
+and what it leaves out) and divides by the step time and the dense bf16 peak of all GPUs (null
+on CPU or an unknown GPU; the peak and its name are in the ``start`` record).
 """
 
 from __future__ import annotations
@@ -38,7 +19,6 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,50 +65,6 @@ def device_peak() -> tuple[str, float | None, str | None]:
 
 def peak_flops() -> float | None:
     return device_peak()[1]
-
-
-@dataclass(frozen=True)
-class FlopCounter:
-    """Per-step FLOPs from the counts the collate already has (see the module docstring).
-
-    ``vision_forward`` = N_vf, ``vision_backward`` = N_vb, ``language`` = N_l;
-    ``vision_recompute`` / ``language_recompute``: parameters of the checkpointed layers replayed
-    in backward (0 where that tower's checkpointing is off).
-    """
-
-    vision_forward: int
-    vision_backward: int
-    language: int
-    hidden: int
-    vocab: int
-    vision_recompute: int = 0
-    language_recompute: int = 0
-
-    def forward(self, image_tokens: int, tokens: int, loss_tokens: int) -> float:
-        return 2.0 * (
-            self.vision_forward * image_tokens
-            + self.language * tokens
-            + self.hidden * self.vocab * loss_tokens
-        )
-
-    def backward(self, image_tokens: int, tokens: int, loss_tokens: int) -> float:
-        return 2.0 * (
-            self.vision_backward * image_tokens
-            + self.language * tokens
-            + self.hidden * self.vocab * loss_tokens
-        )
-
-    def useful(self, image_tokens: int, tokens: int, loss_tokens: int) -> float:
-        return self.forward(image_tokens, tokens, loss_tokens) + self.backward(
-            image_tokens, tokens, loss_tokens
-        )
-
-    @property
-    def recomputes(self) -> bool:
-        return bool(self.vision_recompute or self.language_recompute)
-
-    def recomputed(self, image_tokens: int, tokens: int) -> float:
-        return 2.0 * (self.vision_recompute * image_tokens + self.language_recompute * tokens)
 
 
 def mfu(flops: float, seconds: float, peak: float | None, devices: int) -> float | None:
