@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from test_train_support import REPO, env
+from helpers.training import REPO, env
 
 # benchmarks/ is run as a module from the repository root, not installed: named here, not imported
 SMOKE_CASES = ("t1_64_eager_mb4", "t1_64_eager_mb4_ckpt", "rs_256_eager_mb2")

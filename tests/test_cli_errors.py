@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_train_support import REPO, base_sets, run_train, train_data  # noqa: F401  (fixtures)
+from helpers.training import REPO, base_sets, run_train
 
 from umbrella_ds import errors
 
@@ -94,7 +94,7 @@ def test_only_rank_0_prints_unless_debugging(capsys, monkeypatch):
         ("train.deepspeed=zero9", "train.deepspeed: expected one of"),
     ],
 )
-def test_train_config_errors(override, where, capsys, train_data):  # noqa: F811
+def test_train_config_errors(override, where, capsys, train_data):
     from umbrella_ds.train.cli import main as train_main
 
     sets = base_sets(train_data, train_data / "unused-out")
@@ -103,7 +103,7 @@ def test_train_config_errors(override, where, capsys, train_data):  # noqa: F811
     _one_error_line(err, where)
 
 
-def test_train_file_errors(tmp_path, capsys, train_data):  # noqa: F811
+def test_train_file_errors(tmp_path, capsys, train_data):
     from umbrella_ds.train.cli import main as train_main
 
     rc, err = _run(train_main, ["--config", str(tmp_path / "nope.yaml")], capsys)
@@ -126,7 +126,7 @@ def test_train_file_errors(tmp_path, capsys, train_data):  # noqa: F811
 
 def test_errors_raised_while_reading_data_are_user_errors(tmp_path):
     """Raised deep in the library, they reach run_main as UserErrors naming file:line or key."""
-    from test_data_common import t1_task
+    from helpers.data import t1_task
 
     from umbrella_ds.data import (
         MissingSubjectError,
@@ -165,7 +165,7 @@ def test_keep_best_and_batch_errors_are_config_errors():
 
 
 @pytest.mark.timeout(300)
-def test_launcher_prints_the_error_once_and_exits_2(train_data, tmp_path):  # noqa: F811
+def test_launcher_prints_the_error_once_and_exits_2(train_data, tmp_path):
     """Global batch 8 = micro-batch 8 x 2 ranks does not divide: found after the ranks joined,
     on both; rank 0 alone prints it, and the deepspeed launcher exits 2 (its first failing rank's
     status)."""
@@ -198,7 +198,7 @@ def test_pack_errors(tmp_path, capsys):
     _one_error_line(err, "--bids")
 
 
-def test_eval_export_infer_report_path_errors(tmp_path, capsys, train_data):  # noqa: F811
+def test_eval_export_infer_report_path_errors(tmp_path, capsys, train_data):
     from umbrella_ds.infer import main as infer_main
     from umbrella_ds.report import main as report_main
     from umbrella_ds.train.eval_cli import main as eval_main

@@ -19,14 +19,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_train_support import (
-    REPO,
-    base_sets,
-    env,
-    losses_by_step,
-    train_cmd,
-    train_data,  # noqa: F401  (fixture)
-)
+from helpers.training import REPO, base_sets, env, losses_by_step, train_cmd
 
 INDUCTOR_CACHE = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])  # set by conftest
 STEPS = 3
@@ -71,7 +64,7 @@ def _run(data: Path, out: Path, stage: str, bf16: bool, ckpt: bool, compile_: st
 
 
 @pytest.fixture(scope="module")
-def runs(train_data, tmp_path_factory):  # noqa: F811
+def runs(train_data, tmp_path_factory):
     """(stage, bf16, ckpt, compile) -> (losses by step, output); each run made once per module."""
     cache: dict[tuple[str, bool, bool, str], tuple[dict[int, float], str]] = {}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_data_common import (
+from helpers.data import (
     SUBJECT_A,
     SUBJECT_B,
     FakeShards,

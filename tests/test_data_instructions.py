@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_data_common import SUBJECT_A, SUBJECT_B, t1_task, t3_task, write_jsonl
+from helpers.data import SUBJECT_A, SUBJECT_B, t1_task, t3_task, write_jsonl
 
 from umbrella_ds.data import (
     ImageRef,

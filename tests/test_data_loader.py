@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_data_common import FakeShards, t1_task, tiny_tokenizer, write_jsonl
+from helpers.data import FakeShards, t1_task, tiny_tokenizer, write_jsonl
 
 from umbrella_ds.data import (
     InstructionDataset,

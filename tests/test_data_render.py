@@ -6,7 +6,7 @@ import copy
 
 import numpy as np
 import pytest
-from test_data_common import t1_task, t3_task, tiny_tokenizer, write_jsonl
+from helpers.data import t1_task, t3_task, tiny_tokenizer, write_jsonl
 
 from umbrella_ds.data import (
     IGNORE_INDEX,

@@ -14,17 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_train_support import (  # noqa: F401  (fixtures)
-    BIN,
-    REPO,
-    base_sets,
-    check,
-    env,
-    free_port,
-    metrics,
-    run_train,
-    train_data,
-)
+from helpers.net import free_port
+from helpers.training import BIN, REPO, base_sets, check, env, metrics, run_train
 
 pytestmark = pytest.mark.multiproc
 
@@ -32,15 +23,13 @@ STEPS = 3
 
 
 @pytest.fixture(scope="session")
-def eval_run(train_data, tmp_path_factory) -> Path:  # noqa: F811
+def eval_run(train_data, tmp_path_factory) -> Path:
     """2 ranks, bf16, eval + checkpoint every step, keep_last 1, keep_best on a constant metric.
 
     ``count`` is equal at every evaluation, and a tie never replaces the best, so step 1 stays
     the best checkpoint: keep_last=1 must still not delete it.
     """
     out = tmp_path_factory.getbasetemp() / "eval-run"
-    if (out / "checkpoints" / "latest").is_file():
-        return out
     sets = base_sets(
         train_data,
         out,
@@ -54,8 +43,6 @@ def eval_run(train_data, tmp_path_factory) -> Path:  # noqa: F811
 @pytest.fixture(scope="session")
 def exported(eval_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.getbasetemp() / "eval-export"
-    if (out / "export.json").is_file():
-        return out
     proc = subprocess.run(
         [BIN / "umbrella-export", eval_run, "--out", out],
         capture_output=True,
@@ -95,7 +82,7 @@ def test_keep_best_survives_keep_last_and_train_provenance(eval_run):
 
 
 @pytest.mark.timeout(600)
-def test_umbrella_eval_reproduces_the_in_training_record(eval_run, train_data, tmp_path):  # noqa: F811
+def test_umbrella_eval_reproduces_the_in_training_record(eval_run, train_data, tmp_path):
     out = tmp_path / "eval"
     inst = train_data / "raw" / "instructions" / "t1_sex_eval.jsonl"
     # Two ranks through torchrun (the launcher discovery of train/env.py), as training ran.
@@ -126,7 +113,7 @@ def test_umbrella_eval_reproduces_the_in_training_record(eval_run, train_data, t
 def test_export_carries_what_inference_needs_and_evaluates_the_same(
     eval_run,
     exported,
-    train_data,  # noqa: F811
+    train_data,
     tmp_path,
 ):
     info = json.loads((exported / "export.json").read_text())
@@ -156,7 +143,7 @@ def test_export_carries_what_inference_needs_and_evaluates_the_same(
 def test_infer_on_a_raw_nifti_answers_as_evaluation_on_the_packed_subject(
     eval_run,
     exported,
-    train_data,  # noqa: F811
+    train_data,
     tmp_path,
 ):
     raw = train_data / "raw"
@@ -206,7 +193,7 @@ def test_infer_on_a_raw_nifti_answers_as_evaluation_on_the_packed_subject(
 
 
 @pytest.mark.timeout(300)
-def test_training_refuses_overlapping_subjects_naming_them(train_data, tmp_path):  # noqa: F811
+def test_training_refuses_overlapping_subjects_naming_them(train_data, tmp_path):
     inst = train_data / "raw" / "instructions"
     train_file = inst / "t1_sex_train.jsonl"
     first = json.loads(train_file.read_text().splitlines()[0])

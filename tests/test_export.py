@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import torch
-from test_train_support import BIN, fp32_run, train_data  # noqa: F401  (fixtures)
+from helpers.training import BIN
 
 import umbrella_ds
 from umbrella_ds.config import config_from_dict
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.multiproc
 
 
 @pytest.mark.timeout(400)
-def test_export_round_trip(fp32_run, tmp_path):  # noqa: F811
+def test_export_round_trip(fp32_run, tmp_path):
     out = tmp_path / "export"
     proc = subprocess.run(
         [BIN / "umbrella-export", fp32_run, "--out", out],

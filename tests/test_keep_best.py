@@ -11,12 +11,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from test_train_support import (
-    base_sets,
-    check,
-    run_train,
-    train_data,  # noqa: F401  (fixture)
-)
+from helpers.training import base_sets, check, run_train
 
 from umbrella_ds.config import CheckpointConfig, ConfigError, RunConfig
 from umbrella_ds.train.checkpoint import Checkpointer
@@ -91,7 +86,7 @@ def test_unknown_task_is_refused_before_training():
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
-def test_evaluations_between_checkpoints_still_keep_a_best(train_data, tmp_path):  # noqa: F811
+def test_evaluations_between_checkpoints_still_keep_a_best(train_data, tmp_path):
     """eval.every_steps=3 with checkpoint.every_steps=2: the step-3 evaluation has no scheduled
     checkpoint to record, so with keep_best set the engine saves one first (it used to record no
     best at all, silently)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers.net import free_port
 
 from umbrella_ds import modality
 from umbrella_ds.config import ConfigError, load_config
@@ -145,12 +145,6 @@ def test_plugins_from_a_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 # -- the proof: T2 through pack, train and evaluation, the package unchanged ---------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _as_t2(obj: object, t2_paths: dict[str, str]) -> object:
     """A synthetic T1 task rewritten to ask about the subject's T2 image."""
     if isinstance(obj, dict):
@@ -243,7 +237,7 @@ def test_t2_packs_trains_and_evaluates_without_changing_the_package(
         "log.progress": "false", "log.every_steps": 1, "log.tensorboard": "false",
         "eval.at_end": "true", "eval.max_new_tokens": 2,
     }  # fmt: skip
-    run(BIN / "deepspeed", "--num_gpus", "1", "--master_port", _free_port(),
+    run(BIN / "deepspeed", "--num_gpus", "1", "--master_port", free_port(),
         REPO / "umbrella_ds" / "train" / "__main__.py", "--config", REPO / "configs" / "demo.yaml",
         "--resume", "none", "--set", *(f"{k}={v}" for k, v in sets.items()), timeout=360)  # fmt: skip
 

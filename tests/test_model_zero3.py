@@ -173,11 +173,14 @@ def _worker(out_dir: Path) -> None:
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
 def test_zero3_partitioned_build_trains_only_patch_embedding(tmp_path, repo_root):
+    # imported here: this file is also the rank script, which runs without tests/ on sys.path
+    from helpers.net import free_port
+
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(repo_root / ".cache" / "torch_extensions"))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29517", __file__, str(tmp_path),
+        "--master_port", str(free_port()), __file__, str(tmp_path),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, cwd=repo_root, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -204,12 +207,14 @@ def _save_unpatched_small(path: Path) -> None:
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
 def test_zero3_pretrained_directory_loads_into_partitions(tmp_path, repo_root):
+    from helpers.net import free_port  # imported here: see above
+
     source = tmp_path / "small-hf"
     _save_unpatched_small(source)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", "29518", __file__, str(tmp_path), str(source),
+        "--master_port", str(free_port()), __file__, str(tmp_path), str(source),
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, cwd=repo_root, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -12,15 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_data_common import REPO, SUBJECT_A, t1_task, t3_task, tiny_tokenizer, write_jsonl
-from test_train_support import (  # noqa: F401  (train_data: fixture)
-    BIN,
-    base_sets,
-    check,
-    losses_by_step,
-    run_train,
-    train_data,
-)
+from helpers.data import REPO, SUBJECT_A, t1_task, t3_task, tiny_tokenizer, write_jsonl
+from helpers.training import BIN, base_sets, check, losses_by_step, run_train
 
 from umbrella_ds.data import (
     IGNORE_INDEX,
@@ -337,7 +330,7 @@ def test_greedy_generation_stops_on_the_template_stop_id(tmp_path):
     assert tok.decode(ids[0], skip_special_tokens=True).strip() == "male"
 
 
-def test_tiny_llava15_inputs_use_the_template(train_data, tmp_path):  # noqa: F811
+def test_tiny_llava15_inputs_use_the_template(train_data, tmp_path):
     from umbrella_ds.config import load_config
     from umbrella_ds.train.inputs import build_inputs
 
@@ -357,7 +350,7 @@ def test_tiny_llava15_inputs_use_the_template(train_data, tmp_path):  # noqa: F8
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(420)
-def test_tiny_llava15_trains_and_evaluates(train_data, tmp_path):  # noqa: F811
+def test_tiny_llava15_trains_and_evaluates(train_data, tmp_path):
     """1 rank, a few steps through the real launcher, then evaluation with greedy answers."""
     out = tmp_path / "run"
     sets = base_sets(

@@ -8,13 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_support import (
-    base_sets,
-    check,
-    losses_by_step,
-    run_train,
-    train_data,  # noqa: F401  (fixture)
-)
+from helpers.training import base_sets, check, losses_by_step, run_train
 
 from umbrella_ds.config import load_config
 from umbrella_ds.model import build_model, find_patch_embed, model_forward_loss
@@ -43,7 +37,7 @@ def _grads(model, micro_batches, world_size: int = 1):
     return grads, loss_sum / total_tokens
 
 
-def test_micro1_x_acc4_equals_micro4_x_acc1(train_data):  # noqa: F811
+def test_micro1_x_acc4_equals_micro4_x_acc1(train_data):
     cfg = load_config(None, base_sets(train_data, train_data / "unused"))
     model, tok = build_model(
         "tiny", modalities={"T1": {"size": [32] * 3, "patch": [8] * 3}}, seed=0
@@ -72,7 +66,7 @@ def test_micro1_x_acc4_equals_micro4_x_acc1(train_data):  # noqa: F811
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(400)
-def test_deepspeed_accumulation_matches_large_micro_batch(train_data, tmp_path):  # noqa: F811
+def test_deepspeed_accumulation_matches_large_micro_batch(train_data, tmp_path):
     outs = {}
     for micro in (1, 4):
         out = tmp_path / f"micro{micro}"

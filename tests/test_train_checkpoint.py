@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_train_support import base_sets, check, fp32_run, metrics, run_train, train_data  # noqa: F401
+from helpers.training import base_sets, check, metrics, run_train
 
 from umbrella_ds.train.checkpoint import dir_size
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.multiproc
 
 
 @pytest.mark.timeout(400)
-def test_only_trainable_state_is_saved(fp32_run):  # noqa: F811
+def test_only_trainable_state_is_saved(fp32_run):
     root = fp32_run / "checkpoints"
     assert (root / "latest").read_text().strip() == "step-0000004"
     assert sorted(p.name for p in root.glob("step-*")) == [
@@ -42,7 +42,7 @@ def test_only_trainable_state_is_saved(fp32_run):  # noqa: F811
     assert meta["sampler"]["consumed"] == meta["consumed_samples"] and meta["world_size"] == 2
 
 
-def test_metrics_records(fp32_run):  # noqa: F811
+def test_metrics_records(fp32_run):
     start = metrics(fp32_run, "start")[0]
     assert [r["rank"] for r in start["ranks"]] == [0, 1] and all(r["host"] for r in start["ranks"])
     train = metrics(fp32_run, "train")
@@ -64,7 +64,7 @@ def test_metrics_records(fp32_run):  # noqa: F811
 
 
 @pytest.mark.timeout(300)
-def test_conflicting_fingerprint_is_refused(fp32_run, train_data, tmp_path):  # noqa: F811
+def test_conflicting_fingerprint_is_refused(fp32_run, train_data, tmp_path):
     sets = base_sets(
         train_data,
         tmp_path / "x",
@@ -79,7 +79,7 @@ def test_conflicting_fingerprint_is_refused(fp32_run, train_data, tmp_path):  # 
 
 
 @pytest.mark.timeout(300)
-def test_no_shared_memory_left_behind(train_data, tmp_path):  # noqa: F811
+def test_no_shared_memory_left_behind(train_data, tmp_path):
     """DeepSpeed's CPU comm op maps a 66 MB /dev/shm segment per rank and never unlinks it;
     env.release_deepspeed_shm must, or every run leaks RAM until the machine thrashes."""
     before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))

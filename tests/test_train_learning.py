@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from test_train_support import BIN, REPO, env
+from helpers.training import BIN, REPO, env
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 

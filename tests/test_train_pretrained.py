@@ -15,13 +15,7 @@ import math
 import shutil
 
 import pytest
-from test_train_support import (
-    base_sets,
-    check,
-    losses_by_step,
-    run_train,
-    train_data,  # noqa: F401  (fixture)
-)
+from helpers.training import base_sets, check, losses_by_step, run_train
 
 STEPS = 2
 
@@ -62,7 +56,7 @@ def _run(data, out, source, stage: str, bf16: bool = False) -> dict[int, float]:
 @pytest.mark.multiproc
 @pytest.mark.timeout(700)
 def test_pretrained_directory_trains_alike_under_zero2_and_zero3(
-    train_data,  # noqa: F811
+    train_data,
     pretrained_dir,
     tmp_path,
 ):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import (
+from helpers.training import (
     base_sets,
     check,
     kill_tree,
@@ -17,7 +17,6 @@ from test_train_support import (
     metrics,
     run_train,
     start_train,
-    train_data,  # noqa: F401  (fixture)
     wait_for,
 )
 
@@ -84,18 +83,18 @@ def _assert_same_run(ref: Path, res: Path, resumed_at: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def zero2_ref(train_data, tmp_path_factory):  # noqa: F811
+def zero2_ref(train_data, tmp_path_factory):
     return _reference(train_data, tmp_path_factory.mktemp("z2") / "ref", "zero2")
 
 
 @pytest.mark.timeout(600)
-def test_zero2_kill_and_resume_is_exact(train_data, zero2_ref, tmp_path):  # noqa: F811
+def test_zero2_kill_and_resume_is_exact(train_data, zero2_ref, tmp_path):
     resumed_at = _kill_and_resume(train_data, tmp_path / "res", "zero2")
     _assert_same_run(zero2_ref, tmp_path / "res", resumed_at)
 
 
 @pytest.mark.timeout(900)
-def test_zero3_kill_and_resume_is_exact(train_data, tmp_path):  # noqa: F811
+def test_zero3_kill_and_resume_is_exact(train_data, tmp_path):
     ref = _reference(train_data, tmp_path / "ref", "zero3")
     resumed_at = _kill_and_resume(train_data, tmp_path / "res", "zero3")
     _assert_same_run(ref, tmp_path / "res", resumed_at)
@@ -105,7 +104,7 @@ def test_zero3_kill_and_resume_is_exact(train_data, tmp_path):  # noqa: F811
 
 
 @pytest.mark.timeout(600)
-def test_resume_two_ranks_onto_one(train_data, zero2_ref, tmp_path):  # noqa: F811
+def test_resume_two_ranks_onto_one(train_data, zero2_ref, tmp_path):
     out = tmp_path / "one"
     start = zero2_ref / "checkpoints" / f"step-{EVERY:07d}"
     check(run_train(1, _sets(train_data, out, "zero2"), resume=str(start), timeout=300))

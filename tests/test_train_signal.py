@@ -9,7 +9,7 @@ import signal
 
 import psutil
 import pytest
-from test_train_support import (
+from helpers.training import (
     TRAIN_SCRIPT,
     base_sets,
     check,
@@ -17,7 +17,6 @@ from test_train_support import (
     metrics,
     run_train,
     start_train,
-    train_data,  # noqa: F401  (fixture)
     wait_for,
 )
 
@@ -33,7 +32,7 @@ def _rank_processes(launcher_pid: int) -> list[psutil.Process]:
 
 
 @pytest.mark.timeout(400)
-def test_sigusr1_checkpoints_and_exits_75(train_data, tmp_path):  # noqa: F811
+def test_sigusr1_checkpoints_and_exits_75(train_data, tmp_path):
     out = tmp_path / "run"
     sets = base_sets(train_data, out, **{"train.max_steps": 100000, "checkpoint.every_steps": 0})
     proc = start_train(2, sets, tmp_path / "run.log")
@@ -60,7 +59,7 @@ def test_sigusr1_checkpoints_and_exits_75(train_data, tmp_path):  # noqa: F811
 
 
 @pytest.mark.timeout(300)
-def test_nan_steps_are_skipped_then_stop_the_run(train_data, tmp_path):  # noqa: F811
+def test_nan_steps_are_skipped_then_stop_the_run(train_data, tmp_path):
     out = tmp_path / "run"
     sets = base_sets(
         train_data,

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers.net import free_port
 
 from .cases import CASES, EVAL_FILES, HARNESS_ADAM_EPS, ds_json
 
@@ -21,12 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DRIVER = Path(__file__).resolve().parent / "driver.py"
 LAUNCH_TIMEOUT_S = 1200
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _odd_subset(src: Path, dst: Path, n: int = 3) -> None:
@@ -85,7 +79,7 @@ def equivalence_data(tmp_path_factory) -> Path:
 def _launch(nproc: int, data: Path, out: Path) -> Path:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [
-        str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_free_port()),
+        str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
         str(DRIVER), "--data", str(data), "--out", str(out), *(c.name for c in CASES),
     ]  # fmt: skip
     proc = subprocess.run(

@@ -29,7 +29,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from test_train_support import train_data  # noqa: F401  (fixture)
 
 from data_prep.cli import main as pack_main
 from umbrella_ds.config import load_config
@@ -127,13 +126,13 @@ def _task(sid: str, **over) -> dict:
     return task
 
 
-def _subjects(train_data: Path) -> list[str]:  # noqa: F811
+def _subjects(train_data: Path) -> list[str]:
     return [
         s["id"] for s in json.loads((train_data / "shards" / "index.json").read_text())["subjects"]
     ]
 
 
-def _inputs(train_data, tiny, tmp_path, lines: list[str], **sets):  # noqa: F811
+def _inputs(train_data, tiny, tmp_path, lines: list[str], **sets):
     path = tmp_path / "inst" / "train.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -144,7 +143,7 @@ def _inputs(train_data, tiny, tmp_path, lines: list[str], **sets):  # noqa: F811
     return path, build_inputs(cfg.data, cfg.model, model, tok, 0)
 
 
-def _good(train_data, n: int = 3) -> list[str]:  # noqa: F811
+def _good(train_data, n: int = 3) -> list[str]:
     return [json.dumps(_task(s)) for s in _subjects(train_data)[:n]]
 
 
@@ -169,20 +168,20 @@ def _image_count(good):
 @pytest.mark.parametrize(
     "make", [_malformed, _unknown_modality, _image_count], ids=lambda f: f.__name__[1:]
 )
-def test_bad_instruction_names_file_and_line(train_data, tiny, tmp_path, make):  # noqa: F811
+def test_bad_instruction_names_file_and_line(train_data, tiny, tmp_path, make):
     lines, pattern = make(_good(train_data))
     with pytest.raises(InstructionError, match=pattern) as err:
         _inputs(train_data, tiny, tmp_path, lines)
     assert "train.jsonl" in str(err.value)
 
 
-def test_absent_subject_is_an_error_listing_task_ids(train_data, tiny, tmp_path):  # noqa: F811
+def test_absent_subject_is_an_error_listing_task_ids(train_data, tiny, tmp_path):
     lines = [*_good(train_data), json.dumps(_task("NDARGONE"))]
     with pytest.raises(InstructionError, match=r"1 task\(s\).*t1_sex_NDARGONE"):
         _inputs(train_data, tiny, tmp_path, lines)
 
 
-def test_absent_subject_is_a_counted_skip_when_asked(train_data, tiny, tmp_path, caplog):  # noqa: F811
+def test_absent_subject_is_a_counted_skip_when_asked(train_data, tiny, tmp_path, caplog):
     lines = [*_good(train_data), json.dumps(_task("NDARGONE"))]
     with caplog.at_level(logging.WARNING):
         _, inputs = _inputs(train_data, tiny, tmp_path, lines, **{"data.missing_subjects": "skip"})
@@ -190,7 +189,7 @@ def test_absent_subject_is_a_counted_skip_when_asked(train_data, tiny, tmp_path,
     assert "skipped 1 task(s) whose subjects are not in" in caplog.text
 
 
-def test_over_long_conversation_is_a_counted_reject(train_data, tiny, tmp_path, caplog):  # noqa: F811
+def test_over_long_conversation_is_a_counted_reject(train_data, tiny, tmp_path, caplog):
     long = _task(_subjects(train_data)[3])
     long["conversations"][1]["content"][0]["text"] = "male. " * 400
     lines = [*_good(train_data), json.dumps(long)]

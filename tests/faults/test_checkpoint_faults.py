@@ -17,16 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_support import training_job
-from test_train_support import (
-    base_sets,
-    check,
-    env,
-    metrics,
-    run_train,
-    train_data,  # noqa: F401  (fixture)
-    wait_for,
-)
+from helpers.faults import training_job
+from helpers.training import base_sets, check, env, metrics, run_train, wait_for
 
 from umbrella_ds.model.presets import get_preset
 from umbrella_ds.train.checkpoint import DIE_DURING_SAVE_ENV, frozen_names, resolve
@@ -40,7 +32,7 @@ def _latest(out: Path) -> str:
 
 
 @pytest.mark.timeout(400)
-def test_kill_during_save_keeps_previous_checkpoint_which_resumes(train_data, tmp_path):  # noqa: F811
+def test_kill_during_save_keeps_previous_checkpoint_which_resumes(train_data, tmp_path):
     out = tmp_path / "run"
     sets = base_sets(train_data, out, **{"train.max_steps": 6, "checkpoint.every_steps": 2})
     killed = run_train(2, sets, timeout=240, environ=env(**{DIE_DURING_SAVE_ENV: "4"}))
@@ -77,7 +69,7 @@ def _fill(path: Path) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_disk_full_during_save_is_a_clear_error_previous_intact(train_data, tmp_path):  # noqa: F811
+def test_disk_full_during_save_is_a_clear_error_previous_intact(train_data, tmp_path):
     out = tmp_path / "run"
     sets = base_sets(train_data, out, **{"train.max_steps": 100000, "checkpoint.every_steps": 3})
     with _tmpfs(out / "checkpoints", "2m") as ckpts:
@@ -112,7 +104,7 @@ def _tied_model_dir(root: Path) -> Path:
 
 
 @pytest.mark.timeout(300)
-def test_tied_frozen_lm_head_is_not_saved(train_data, tmp_path):  # noqa: F811
+def test_tied_frozen_lm_head_is_not_saved(train_data, tmp_path):
     model_dir = _tied_model_dir(tmp_path / "tied")
     out = tmp_path / "run"
     sets = base_sets(

@@ -9,13 +9,8 @@ from __future__ import annotations
 import signal
 
 import pytest
-from fault_support import rank_processes, training_job
-from test_train_support import (
-    base_sets,
-    metrics,
-    train_data,  # noqa: F401  (fixture)
-    wait_for,
-)
+from helpers.faults import rank_processes, training_job
+from helpers.training import base_sets, metrics, wait_for
 
 pytestmark = pytest.mark.multiproc
 TIMEOUT_S = 10
@@ -25,7 +20,7 @@ END_WITHIN_S = TIMEOUT_S + 30 + 40
 
 
 @pytest.mark.timeout(300)
-def test_stopped_rank_ends_job_within_collective_timeout(train_data, tmp_path):  # noqa: F811
+def test_stopped_rank_ends_job_within_collective_timeout(train_data, tmp_path):
     out = tmp_path / "run"
     sets = base_sets(
         train_data,

@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fault_support import run_in_session
-from test_train_support import BIN
+from helpers.faults import run_in_session
+from helpers.training import BIN
 
 from umbrella_ds.shards import verify
 

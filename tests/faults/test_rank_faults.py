@@ -11,22 +11,15 @@ from __future__ import annotations
 import signal
 
 import pytest
-from fault_support import rank_processes, training_job
-from test_train_support import (
-    base_sets,
-    check,
-    metrics,
-    run_train,
-    train_data,  # noqa: F401  (fixture)
-    wait_for,
-)
+from helpers.faults import rank_processes, training_job
+from helpers.training import base_sets, check, metrics, run_train, wait_for
 
 pytestmark = pytest.mark.multiproc
 STEPS, EVERY = 10, 3
 
 
 @pytest.mark.timeout(400)
-def test_killed_rank_ends_job_naming_it_and_restart_resumes(train_data, tmp_path):  # noqa: F811
+def test_killed_rank_ends_job_naming_it_and_restart_resumes(train_data, tmp_path):
     out = tmp_path / "run"
     sets = base_sets(
         train_data,

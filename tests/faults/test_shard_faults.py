@@ -11,14 +11,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from fault_support import run_in_session
-from test_train_support import (
-    BIN,
-    base_sets,
-    env,
-    train_cmd,
-    train_data,  # noqa: F401  (fixture)
-)
+from helpers.faults import run_in_session
+from helpers.training import BIN, base_sets, env, train_cmd
 
 from umbrella_ds.shards import CORRUPT, STAMP_BYTES
 
@@ -26,7 +20,7 @@ pytestmark = pytest.mark.multiproc
 
 
 @pytest.mark.timeout(240)
-def test_flipped_byte_named_by_verify_and_refused_by_training(train_data, tmp_path):  # noqa: F811
+def test_flipped_byte_named_by_verify_and_refused_by_training(train_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(train_data / "shards", data / "shards")
     shutil.copytree(train_data / "raw" / "instructions", data / "raw" / "instructions")

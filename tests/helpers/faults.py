@@ -1,4 +1,4 @@
-"""Helpers for the fault-injection tests (no tests here): start a 2-rank run in its own session,
+"""Helpers for the fault-injection tests: start a 2-rank run in its own session,
 find its rank processes, and make sure nothing of it survives the test."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-from test_train_support import REPO, TRAIN_SCRIPT, env, train_cmd
+
+from .training import REPO, TRAIN_SCRIPT, env, train_cmd
 
 
 def rank_processes(launcher_pid: int) -> list[psutil.Process]:

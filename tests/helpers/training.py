@@ -1,4 +1,4 @@
-"""Shared helpers and fixtures for the training tests (no tests here).
+"""Launching training runs and reading their outputs.
 
 Multi-rank runs go through the real deepspeed launcher (2 CPU ranks, gloo), each with its own
 master port so concurrent test sessions do not collide.
@@ -9,45 +9,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import pytest
+from .net import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "umbrella_ds" / "train" / "__main__.py"
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def train_data(tmp_path_factory) -> Path:
-    """A small synthetic cohort, T1 packed at 32^3 (48 subjects: 38 train, 10 eval)."""
-    root = tmp_path_factory.getbasetemp() / "train-data"
-    if (root / "shards" / "index.json").is_file():
-        return root
-    raw = root / "raw"
-    subprocess.run(
-        [BIN / "umbrella-pack", "synth", "--out", raw, "--subjects", "48", "--seed", "0",
-         "--t1-shape", "48", "48", "48", "--frames", "8", "--rsfmri-shape", "16", "16", "16"],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    subprocess.run(
-        [BIN / "umbrella-pack", "build", "--manifest", raw / "manifest.csv", "--out",
-         root / "shards", "--workers", "1", "--modalities", "T1", "--t1-size", "32", "32", "32",
-         "--no-progress"],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    return root
 
 
 def base_sets(data: Path, out: Path, **extra: Any) -> list[str]:
@@ -143,19 +115,3 @@ def check(proc: subprocess.CompletedProcess, expect: int = 0) -> None:
     assert proc.returncode == expect, (
         f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     )
-
-
-@pytest.fixture(scope="session")
-def fp32_run(train_data, tmp_path_factory) -> Path:
-    """A finished 2-rank ZeRO-2 fp32 run with a checkpoint every step and eval at the end."""
-    out = tmp_path_factory.getbasetemp() / "fp32-run"
-    if (out / "checkpoints" / "latest").is_file() and (out / "predictions.jsonl").is_file():
-        return out
-    sets = base_sets(
-        train_data,
-        out,
-        **{"train.max_steps": 4, "train.bf16": "false", "checkpoint.every_steps": 1,
-           "checkpoint.keep_last": 2, "eval.at_end": "true", "eval.max_new_tokens": 4},
-    )  # fmt: skip
-    check(run_train(2, sets, timeout=300))
-    return out

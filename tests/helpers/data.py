@@ -1,4 +1,4 @@
-"""Helpers shared by the tests of umbrella_ds.data (no tests here)."""
+"""Instruction records, the tiny tokenizer and a fake shard reader for the data tests."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY_TOKENIZER = REPO / "umbrella_ds" / "model" / "presets" / "tiny-tokenizer"
 SUBJECT_A = "NDARINV007W6H7B"
 SUBJECT_B = "NDARINV1111AAAA"

@@ -1,0 +1,12 @@
+"""The one free-port helper: every launcher a test starts gets its own master port, so
+concurrent test sessions do not collide."""
+
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
