@@ -3,7 +3,7 @@
 `python -m benchmarks.train_gpu [--budget-s 600] [--only CASE ...]` (needs a CUDA GPU; on a
 machine without one it says so and exits 0, writing nothing). Never run in CI. `--smoke` runs
 the same plumbing on CPU with the `tiny` preset and three small cases (about a minute; the suite
-does, in tests/test_bench_train_gpu.py), so a GPU session is not spent finding a broken script.
+does, in tests/cli/test_bench_train_gpu.py), so a GPU session is not spent finding a broken script.
 
 One prepared script for a short GPU session: it packs its own data, then runs the cases of
 `CASES` in order of importance, each as a separate 1-GPU run of the training engine
@@ -74,7 +74,7 @@ GPU_RATIOS = {
 }
 
 # The same plumbing on CPU with the tiny preset (`--smoke`): proves the script end to end before a
-# GPU session is spent on it (tests/test_bench_train_gpu.py). Its figures mean nothing.
+# GPU session is spent on it (tests/cli/test_bench_train_gpu.py). Its figures mean nothing.
 T1_64 = {"T1": {"size": [32, 32, 32], "patch": [8, 8, 8]}}
 RS_256 = {"rsfMRI": {"size": [32, 32, 32, 8], "patch": [8, 8, 8, 4]}}
 SMOKE_CASES: list[dict] = [

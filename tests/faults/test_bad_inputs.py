@@ -3,15 +3,15 @@ documented counted skip. Cases already tested elsewhere are referenced, not repe
 
 packing (umbrella-pack build; rejected.csv rows, exit 3, or usage error exit 2):
   truncated .nii.gz, wrong dimensionality, NaN voxels, constant volume, rsfMRI float16 overflow,
-  missing path       -> tests/test_pack.py::test_every_rejection_reason_is_listed_and_the_rest_packed
+  missing path       -> tests/pack/test_pack.py::test_every_rejection_reason_is_listed_and_the_rest_packed
   duplicate subject id, manifest missing a column, absent manifest
-                     -> tests/test_pack.py::test_usage_errors_exit_2_naming_the_problem
-  killed pack + --resume -> tests/test_pack.py::test_killed_pack_resumes_to_identical_bytes
+                     -> tests/pack/test_pack.py::test_usage_errors_exit_2_naming_the_problem
+  killed pack + --resume -> tests/pack/test_pack.py::test_killed_pack_resumes_to_identical_bytes
 training, unit level:
   malformed JSONL line, unknown modality, <image> count, missing subject
-                     -> tests/test_data_instructions.py
-  over-long conversation (reject / truncate) -> tests/test_data_render.py::test_overflow_*
-  unknown key / wrong type -> tests/test_config.py::test_errors_name_the_key, *_unknown_key_*
+                     -> tests/data/test_data_instructions.py
+  over-long conversation (reject / truncate) -> tests/data/test_data_render.py::test_overflow_*
+  unknown key / wrong type -> tests/train/test_config.py::test_errors_name_the_key, *_unknown_key_*
 
 Here: the cases not yet covered (T1 float16 overflow with --t1-norm none; manifest paths relative
 to the manifest, not the working directory) and every training case through the path training

@@ -4,7 +4,7 @@ and trainable-only checkpoints of a model whose frozen LM head is tied to the em
 Each case really induces the fault: ``UMBRELLA_TEST_DIE_DURING_SAVE`` makes rank 0 ``os._exit(137)``
 inside ``Checkpointer.save`` after every rank wrote its files but before ``meta.json``/``latest``;
 the disk is a 2 MiB tmpfs mounted over ``OUT/checkpoints`` and filled once the first checkpoint
-is complete. (Killing the whole job after a complete checkpoint: tests/test_train_resume.py.)
+is complete. (Killing the whole job after a complete checkpoint: tests/train/test_train_resume.py.)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Disk full during packing: a 300 KiB tmpfs holds two of the four shards. The pack stops with a
 message naming the shard and the full filesystem; no temporary or half shard is left, no
 index.json is written, the complete shards stay; after freeing space ``--resume`` finishes with
-the bytes of an uninterrupted pack. (A killed pack: tests/test_pack.py.)
+the bytes of an uninterrupted pack. (A killed pack: tests/pack/test_pack.py.)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 with an error naming the dead rank; ``--resume auto`` then continues from the last checkpoint.
 
 (A stopped, hung rank: test_hung_rank.py. The whole job killed after a checkpoint, with an exact
-resume: tests/test_train_resume.py. The SLURM scripts' own report of a killed rank:
+resume: tests/train/test_train_resume.py. The SLURM scripts' own report of a killed rank:
 tests/slurm/test_slurm_train.py::test_killed_rank_fails_job_naming_rank_and_node.)
 """
 

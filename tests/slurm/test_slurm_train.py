@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,33 +32,9 @@ JOB_TIMEOUT_S = 150
 
 
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory) -> Trainer:
+def trainer(cohort_24) -> Trainer:
     """The real trainer on the tiny preset (configs/demo.yaml) over a small synthetic cohort."""
-    data = tmp_path_factory.mktemp("data")
-    for args in (
-        ["synth", "--out", str(data / "raw"), "--subjects", "24", "--seed", "0"],
-        [
-            "build",
-            "--manifest",
-            str(data / "raw" / "manifest.csv"),
-            "--out",
-            str(data / "shards"),
-            "--t1-size",
-            "32",
-            "32",
-            "32",
-            "--modalities",
-            "T1",
-            "--no-progress",
-        ],
-    ):
-        done = subprocess.run(
-            [sys.executable, "-m", "data_prep.cli", *args],
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert done.returncode == 0, done.stderr
+    data = cohort_24
     instructions = data / "raw" / "instructions"
     overrides = [
         f"data.shards={data / 'shards'}",

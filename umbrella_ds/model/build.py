@@ -6,7 +6,7 @@ No code path downloads: pretrained weights and tokenizers come from local direct
 random-init models are constructed partitioned. For *pretrained* weights under ZeRO-3 the
 caller must also keep a `transformers.integrations.HfDeepSpeedConfig(ds_config)` alive around
 build_model, which is how `from_pretrained` loads straight into partitions: the engine does so
-with `train.ds_setup.zero3_pretrained_loading` (tests/test_model_zero3.py).
+with `train.ds_setup.zero3_pretrained_loading` (tests/model/test_model_zero3.py).
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def random_init_path(zero3: bool, init: str) -> InitPath:
 def _initialize_weights_as_zero3(model: PreTrainedModel) -> None:
     """transformers' `initialize_weights_zero3` on one process: the same module order and the same
     `_initialize_weights` calls, on whole tensors instead of gathered partitions, so the same seed
-    draws the same values as rank 0 did in a partitioned build (tests/test_model_zero3.py)."""
+    draws the same values as rank 0 did in a partitioned build (tests/model/test_model_zero3.py)."""
     from transformers.initialization import guard_torch_init_functions
 
     is_remote_code = model.is_remote_code()

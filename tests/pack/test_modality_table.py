@@ -21,7 +21,7 @@ from helpers.net import free_port
 from umbrella_ds import modality
 from umbrella_ds.config import ConfigError, load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PLUGIN = '''"""Test plugin: a T2-weighted volume, registered on import."""
 from umbrella_ds.modality import Modality, register

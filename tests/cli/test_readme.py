@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 BIDS_DIR = "/data/abcd-bids"
 SUBJECTS = 20

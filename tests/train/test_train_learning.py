@@ -9,36 +9,17 @@ import subprocess
 import sys
 
 import pytest
-from helpers.training import BIN, REPO, env
+from helpers.training import REPO, env
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    """400 subjects (320 train / 80 held out), T1 packed at 32^3: with fewer the tiny model
-    memorises the training subjects before it generalises."""
-    root = tmp_path_factory.mktemp("cohort")
-    pack = str(BIN / "umbrella-pack")
-    subprocess.run(
-        [pack, "synth", "--out", root / "raw", "--subjects", "400", "--seed", "1",
-         "--t1-shape", "48", "48", "48", "--frames", "8", "--rsfmri-shape", "16", "16", "16"],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    subprocess.run(
-        [pack, "build", "--manifest", root / "raw" / "manifest.csv", "--out", root / "shards",
-         "--workers", "2", "--modalities", "T1", "--t1-size", "32", "32", "32", "--no-progress"],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    return root
-
-
 @pytest.mark.timeout(1200)
-def test_demo_learns_sex_from_t1(cohort, tmp_path):
+def test_demo_learns_sex_from_t1(cohort_400, tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "umbrella_ds.demo", "--config", "configs/demo.yaml",
-         "--data", cohort, "--out", out, "--set", "log.progress=false",
+         "--data", cohort_400, "--out", out, "--set", "log.progress=false",
          "checkpoint.every_steps=0"],
         cwd=REPO, env=env(), capture_output=True, text=True, timeout=1000,
     )  # fmt: skip

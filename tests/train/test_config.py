@@ -10,7 +10,7 @@ from umbrella_ds.config import DS_STAGES, ConfigError, RunConfig, load_config
 from umbrella_ds.train.ds_setup import lr_lambda, resolve_ds_config
 from umbrella_ds.train.env import discover
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -23,46 +21,28 @@ from umbrella_ds.data import (
 )
 
 TPI = {"T1": 4, "rsfMRI": 6}
-FRAMES = 12
+FRAMES = 12  # the frames of each rsfMRI series in cohort_6 (tests/data/conftest.py)
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    """6 synthetic subjects packed into real shards with the project's own CLI."""
-    root = tmp_path_factory.mktemp("cohort")
-    pack = [sys.executable, "-m", "data_prep.cli"]
-    subprocess.run(
-        [*pack, "synth", "--out", str(root / "raw"), "--subjects", "6", "--seed", "0",
-         "--t1-shape", "16", "16", "16", "--frames", str(FRAMES), "--rsfmri-shape", "8", "8", "8"],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    subprocess.run(
-        [*pack, "build", "--manifest", str(root / "raw" / "manifest.csv"), "--out", str(root / "shards"),
-         "--t1-size", "8", "8", "8", "--rsfmri-size", "8", "8", "8", "--no-progress"],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    return root
-
-
-def real_dataset(cohort: Path, *, train: bool = True, renderer=None, **kw) -> InstructionDataset:
+def real_dataset(cohort_6: Path, *, train: bool = True, renderer=None, **kw) -> InstructionDataset:
     from umbrella_ds.shards import open_dataset
 
-    inst = cohort / "raw" / "instructions"
+    inst = cohort_6 / "raw" / "instructions"
     tasks = [
         t
         for name in ("t1_sex", "t3_sex", "rsfmri_sex")
         for t in load_instructions(inst / f"{name}_train.jsonl")
     ]
-    reader = open_dataset(cohort / "shards")
+    reader = open_dataset(cohort_6 / "shards")
     tasks, skipped = resolve_subjects(tasks, set(reader.subjects), "error", has=reader.has)
     assert skipped == 0
     renderer = renderer or Renderer(tiny_tokenizer(), TPI, max_length=256)
     kw = {"seed": 5, "rsfmri_length": 4, **kw}
-    return InstructionDataset(tasks, cohort / "shards", renderer, train=train, **kw)
+    return InstructionDataset(tasks, cohort_6 / "shards", renderer, train=train, **kw)
 
 
-def test_real_shards_items(cohort):
-    ds = real_dataset(cohort)
+def test_real_shards_items(cohort_6):
+    ds = real_dataset(cohort_6)
     assert ds._shards is None  # nothing opened until the first read
     item = ds[(0, 0)]
     assert ds._shards is not None
@@ -78,8 +58,8 @@ def test_real_shards_items(cohort):
 
 
 @pytest.mark.timeout(180)
-def test_two_workers_yield_the_same_batches_as_none(cohort):
-    ds = real_dataset(cohort)
+def test_two_workers_yield_the_same_batches_as_none(cohort_6):
+    ds = real_dataset(cohort_6)
     collate = partial(
         collate_train, pad_id=0, image_token_id=ds.renderer.image_token_id, tokens_per_image=TPI
     )
@@ -166,7 +146,7 @@ def test_flips_are_seeded_and_off_in_eval(tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_batch_feeds_the_tiny_model(cohort):
+def test_batch_feeds_the_tiny_model(cohort_6):
     """Contract check with the model: token counts asked of it, the batch it consumes."""
     from umbrella_ds.model import ModalitySpec, build_model, image_token_id, model_forward_loss
     from umbrella_ds.model import num_image_tokens as model_tokens
@@ -177,10 +157,10 @@ def test_batch_feeds_the_tiny_model(cohort):
     }
     model, tok = build_model("tiny", modalities=mods, seed=0)
     tpi = {m: model_tokens(model, m) for m in mods}
-    ds = real_dataset(cohort)
+    ds = real_dataset(cohort_6)
     ds.renderer = Renderer(tok, tpi, max_length=256)
     ds = InstructionDataset(
-        ds.tasks, cohort / "shards", ds.renderer, train=True, seed=0, rsfmri_length=4
+        ds.tasks, cohort_6 / "shards", ds.renderer, train=True, seed=0, rsfmri_length=4
     )
     assert ds.renderer.image_token_id == image_token_id(model)
     kinds = {ds.tasks[t].task_id.split("_")[0] for t, _ in ds._items}

@@ -13,7 +13,7 @@ from umbrella_ds.config import load_config
 from umbrella_ds.model import build_model, check_image_tokens, image_token_id, model_forward_loss
 from umbrella_ds.train.micro_batch import Trial, search, synthetic_batch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
