@@ -79,6 +79,7 @@ def runs(train_data, tmp_path_factory):
     return get
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("stage,bf16,ckpt", CASES)
 def test_compiled_blocks_give_eager_losses(runs, stage, bf16, ckpt):
