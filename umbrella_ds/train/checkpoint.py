@@ -144,8 +144,8 @@ class SchedulerState:
 class TrainableNames:
     """Names of the trained parameters: a checkpoint of another trainable set is refused."""
 
-    def __init__(self, module: torch.nn.Module, where: Callable[[], str]) -> None:
-        self.module, self.where = module, where
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
 
     def _names(self) -> list[str]:
         return sorted(n for n, p in self.module.named_parameters() if p.requires_grad)
@@ -156,8 +156,7 @@ class TrainableNames:
     def load_state_dict(self, state: list[str]) -> None:
         if self._names() != sorted(state):
             raise CheckpointError(
-                f"{self.where()}: trainable parameters differ: checkpoint {state} "
-                f"vs model {self._names()}"
+                f"trainable parameters differ: checkpoint {state} vs model {self._names()}"
             )
 
 
@@ -384,7 +383,10 @@ class Checkpointer:
             raise CheckpointError(f"{found.path}: {META} lacks {sorted(set(missing) - optional)}")
         for name, part in self.parts.state.items():
             if name in found.meta:
-                part.load_state_dict(found.meta[name])
+                try:
+                    part.load_state_dict(found.meta[name])
+                except (CheckpointError, ValueError) as e:
+                    raise CheckpointError(f"{found.path}: {name}: {e}") from e
 
     def _save_failed(self, step_dir: Path, e: BaseException) -> str:
         """The message for a failed save: what failed, the free space, what is still trusted."""

@@ -187,7 +187,7 @@ def checkpoint_parts(
             "config": ckpt.Record(cfg.to_dict),
             "fingerprints": ckpt.Record(lambda: fingerprints),
             "base": ckpt.Record(lambda: base),
-            "trainable": ckpt.TrainableNames(engine.module, lambda: "the checkpoint"),
+            "trainable": ckpt.TrainableNames(engine.module),
         },
     )
 
