@@ -221,7 +221,6 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-
 # --- forward pieces -------------------------------------------------------------------------
 def _tower_features(model: nn.Module, modality: str, pixel_values: torch.Tensor) -> torch.Tensor:
     """One modality's images -> projected features (N, L, H_text), as LlavaModel.get_image_features.

@@ -47,7 +47,9 @@ class Built:
 
 def modality_specs(model_cfg: ModelConfig) -> dict[str, dict[str, list[int]]]:
     """The run config's modalities in the form build_model and export.json take."""
-    return {m: {"size": list(s.size), "patch": list(s.patch)} for m, s in model_cfg.modalities.items()}
+    return {
+        m: {"size": list(s.size), "patch": list(s.patch)} for m, s in model_cfg.modalities.items()
+    }
 
 
 def build_dtype(model_cfg: ModelConfig, bf16: bool) -> torch.dtype:
