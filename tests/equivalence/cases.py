@@ -20,6 +20,8 @@ STEPS = 6
 GLOBAL_BATCH = 4  # micro-batch 1: 2 micro-batches per rank on 2 ranks, 4 on the reference
 T1 = {"size": [32, 32, 32], "patch": [8, 8, 8]}
 RSFMRI = {"size": [16, 16, 16, 4], "patch": [8, 8, 8, 2]}
+# the predecessor's kind of patch (10^3 on 96^3): floor(size / patch) per axis, the rest unseen
+FLOOR_PATCHES = {"T1": [10, 10, 10], "rsfMRI": [6, 6, 6, 3]}
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,9 @@ class Case:
     preset: str = "tiny"  # tiny: SigLIP tower, ChatML; tiny-clip: CLIP tower; tiny-llava15: CLIP
     # tower, Llama LM and llava-1.5's USER/ASSISTANT template with a tokenizer of its own
     checkpointing: bool = False  # activation checkpointing of both towers
+    patches: str = (
+        "divide"  # divide | floor: patches that leave trailing voxels unseen (Conv3d floor)
+    )
 
 
 CASES = [
@@ -45,6 +50,7 @@ CASES = [
     Case(
         "t3cross-zero3-llava15-ckpt", "t3_cross", "zero3", preset="tiny-llava15", checkpointing=True
     ),
+    Case("mixed-zero3-siglip-floor", "mixed", "zero3", patches="floor"),
 ]
 
 # instruction files under the fixture's instructions/ folder (written by conftest.py)
@@ -80,7 +86,10 @@ def by_name(name: str) -> Case:
 def overrides(case: Case, data: Path, out: Path) -> list[str]:
     """The run config of one case: --set pairs over configs/demo.yaml."""
     inst = data / "instructions"
-    modalities = {"T1": T1, "rsfMRI": RSFMRI}
+    modalities = {"T1": dict(T1), "rsfMRI": dict(RSFMRI)}
+    if case.patches == "floor":
+        for name, patch in FLOOR_PATCHES.items():
+            modalities[name]["patch"] = patch
     sets = {
         "output_dir": str(out),
         "data.shards": str(data / "shards"),
