@@ -48,7 +48,9 @@ def base_weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def check_base(recorded: str | None, rebuilt: str, *, what: str, source: str, hint: str) -> None:
+def check_same_base(
+    recorded: str | None, rebuilt: str, *, what: str, source: str, hint: str
+) -> None:
     """Refuse a rebuilt base whose hash is not the recorded one (None: recorded before hashes were)."""
     if recorded and recorded != rebuilt:
         raise BaseMismatchError(

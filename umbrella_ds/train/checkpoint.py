@@ -113,10 +113,11 @@ class TrainState:
 class Record:
     """Saved, never restored: what the checkpoint says about its run (config, fingerprints, the
     frozen base). Its readers check it before anything is built (``check_fingerprints``,
-    ``base_weights.check_base``), so loading it back is a no-op."""
+    ``base_weights.check_same_base``), so loading it back is a no-op."""
 
-    def __init__(self, value: Callable[[], Any]) -> None:
+    def __init__(self, value: Callable[[], Any], *, optional: bool = False) -> None:
         self._value = value
+        self.optional = optional  # checkpoints written before this record existed load too
 
     def state_dict(self) -> Any:
         return self._value()
@@ -377,10 +378,13 @@ class Checkpointer:
         same_world = found.meta["world_size"] == self.world_size
         for part in self.parts.files.values():
             part.load(found, same_world)
-        missing = [name for name in self.parts.state if name not in found.meta]
-        optional = {"base"}  # recorded since the frozen-base fingerprint; older ones lack it
-        if set(missing) - optional:
-            raise CheckpointError(f"{found.path}: {META} lacks {sorted(set(missing) - optional)}")
+        missing = sorted(
+            name
+            for name, part in self.parts.state.items()
+            if name not in found.meta and not getattr(part, "optional", False)
+        )
+        if missing:
+            raise CheckpointError(f"{found.path}: {META} lacks {missing}")
         for name, part in self.parts.state.items():
             if name in found.meta:
                 try:

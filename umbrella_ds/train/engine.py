@@ -32,7 +32,7 @@ from umbrella_ds.model.flops import FlopCounter, flop_counter
 from umbrella_ds.shards import open_dataset
 from umbrella_ds.train import checkpoint as ckpt
 from umbrella_ds.train import ds_setup, env, factory, signals
-from umbrella_ds.train.base_weights import check_base
+from umbrella_ds.train.base_weights import check_same_base
 from umbrella_ds.train.compile import compile_blocks
 from umbrella_ds.train.evaluate import evaluate
 from umbrella_ds.train.inputs import Inputs, build_inputs, data_fingerprint, train_loader
@@ -135,7 +135,7 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
     # so export and evaluation can refuse a rebuild that is not the base the run trained on.
     base = factory.base_record(built)
     if found:
-        check_base(
+        check_same_base(
             found.meta.get("base", {}).get("weights_sha256"), base["weights_sha256"],
             what=str(found.path), source=cfg.model.source,
             hint="resume with the base the checkpoint was trained on, or start a new output_dir",
@@ -186,7 +186,7 @@ def checkpoint_parts(
             "consumed_samples": ckpt.Record(lambda: sampler.consumed),
             "config": ckpt.Record(cfg.to_dict),
             "fingerprints": ckpt.Record(lambda: fingerprints),
-            "base": ckpt.Record(lambda: base),
+            "base": ckpt.Record(lambda: base, optional=True),  # since the base fingerprint
             "trainable": ckpt.TrainableNames(engine.module),
         },
     )

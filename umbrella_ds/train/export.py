@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from umbrella_ds.io import atomic_write_text
-from umbrella_ds.train.base_weights import BaseMismatchError, base_weights_sha256, check_base
+from umbrella_ds.train.base_weights import BaseMismatchError, base_weights_sha256, check_same_base
 from umbrella_ds.train.factory import build, modality_specs, rebuild_for_checkpoint
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def load_trained(
     )
     if verify_base:
         trained_on = info["base"]["preset"] or info["base"]["path"]
-        check_base(
+        check_same_base(
             info["base"].get("weights_sha256"), base_weights_sha256(model),
             what=f"{path} (base {trained_on})", source=source,
             hint="point --base at the base the run trained with",

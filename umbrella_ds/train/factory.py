@@ -32,7 +32,7 @@ import torch
 from umbrella_ds.config import ModelConfig, RunConfig
 from umbrella_ds.model import build_model
 from umbrella_ds.model.build import InitPath, random_init_path
-from umbrella_ds.train.base_weights import base_weights_sha256, check_base
+from umbrella_ds.train.base_weights import base_weights_sha256, check_same_base
 
 
 @dataclass
@@ -151,7 +151,7 @@ def rebuild_for_checkpoint(
         init_path=init_path,
     )
     rebuilt = base_weights_sha256(model)
-    check_base(
+    check_same_base(
         recorded.get("weights_sha256"), rebuilt, what=str(step_dir), source=source,
         hint="pass --base with the base the run trained on",
     )  # fmt: skip
