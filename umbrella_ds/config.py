@@ -181,23 +181,64 @@ class RunConfig:
     def fingerprint(self) -> str:
         """Hash of what decides the training trajectory.
 
-        Left out so a run can be extended or re-homed: ``output_dir``, ``train.max_steps``, the
-        checkpoint, evaluation and logging sections, loader workers, timeouts, and the data paths
-        (their content is covered by the data fingerprint).
+        Left out so a run can be extended or re-homed: the keys in ``NOT_FINGERPRINTED`` (the
+        output folder, ``train.max_steps``, the checkpoint, evaluation and logging sections,
+        loader workers, timeouts, devices and the data paths, whose content is covered by the data
+        fingerprint). A key in ``FINGERPRINTED_UNLESS_DEFAULT`` counts only when set away from its
+        default, so a checkpoint written before that key existed still resumes after an upgrade
+        (``tests/train/test_config.py`` holds a golden record of that).
         """
         d = self.to_dict()
-        for key in ("output_dir", "checkpoint", "eval", "log"):
-            d.pop(key)
-        for key in ("max_steps", "max_bad_steps", "collective_timeout_s"):
-            d["train"].pop(key)
-        for key in ("shards", "train", "eval", "num_workers", "prefetch_factor", "allow_overlap"):
-            d["data"].pop(key)
+        default = RunConfig().to_dict()
+        for key in NOT_FINGERPRINTED:
+            _pop_dotted(d, key)
+        for key in FINGERPRINTED_UNLESS_DEFAULT:
+            if _get_dotted(d, key) == _get_dotted(default, key):
+                _pop_dotted(d, key)
         return _hash(d)
 
     def model_fingerprint(self) -> str:
         """Hash of the base model's identity and the patch embedding's shapes."""
         m = self.model
         return _hash({"source": m.source, "modalities": dataclasses.asdict(m)["modalities"]})
+
+
+# Keys that never decide the trajectory: locations, cadence, operational choices.
+NOT_FINGERPRINTED: tuple[str, ...] = (
+    "output_dir",
+    "checkpoint",
+    "eval",
+    "log",
+    "train.max_steps",
+    "train.max_bad_steps",
+    "train.collective_timeout_s",
+    "data.shards",
+    "data.train",
+    "data.eval",
+    "data.num_workers",
+    "data.prefetch_factor",
+    "data.allow_overlap",
+)
+# Keys added after checkpoints were first written: hashed only away from their default, so the
+# fingerprint of every older checkpoint's config is unchanged. Append each new trajectory key here.
+FINGERPRINTED_UNLESS_DEFAULT: tuple[str, ...] = ()
+
+_MISSING = object()
+
+
+def _get_dotted(d: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return _MISSING
+        d = d[part]
+    return d
+
+
+def _pop_dotted(d: dict[str, Any], key: str) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        d = d.get(part, {})
+    d.pop(last, None)
 
 
 def _hash(obj: Any) -> str:
