@@ -122,6 +122,9 @@ class TrainConfig:
     compile: Literal["none", "blocks"] = "none"
     max_bad_steps: int = 3
     collective_timeout_s: int = 1800
+    # Where to train. auto: CUDA where GPUs are allocated or visible, the CPU where there are none.
+    # A run-config key, not an environment variable, so CPU training cannot be inherited by accident.
+    device: Literal["auto", "cuda", "cpu"] = "auto"
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank, so the global batch survives a new world size."""
@@ -212,6 +215,7 @@ NOT_FINGERPRINTED: tuple[str, ...] = (
     "train.max_steps",
     "train.max_bad_steps",
     "train.collective_timeout_s",
+    "train.device",
     "data.shards",
     "data.train",
     "data.eval",
