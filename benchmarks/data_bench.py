@@ -23,18 +23,16 @@ benchmarks/results/data_loader.json. It measures, never asserts:
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from benchmarks.common import write_result
 from umbrella_ds.data import (
@@ -44,8 +42,8 @@ from umbrella_ds.data import (
     build_loader,
     collate_train,
     load_instructions,
+    slots,
 )
-from umbrella_ds.data import collate as collate_module
 from umbrella_ds.model import TINY_TOKENIZER_DIR
 
 FIXED_LENGTH = 2048
@@ -88,42 +86,45 @@ def padding_efficiency(lengths: list[int], batch_size: int, seed: int = 0) -> di
     return {"dynamic": real / padded, "fixed_2048": real / (FIXED_LENGTH * len(lengths))}
 
 
+PREFETCH = 4
+
+
+def slot_pool(ds: InstructionDataset, batch_size: int, workers: int) -> slots.SlotPool:
+    """The batch slots a training loader would have at gas 1 (the consumer releases each batch
+    as it arrives)."""
+    layouts = slots.image_layouts(ds.tasks, ds.shards, batch_size, ds.rsfmri_length)
+    return slots.SlotPool(layouts, workers, slots.slots_per_worker(1, workers, PREFETCH))
+
+
 def loader_rate(
-    ds: InstructionDataset, workers: int, batch_size: int, tpi: dict[str, int], epochs: int = 1
+    ds: InstructionDataset,
+    workers: int,
+    batch_size: int,
+    tpi: dict[str, int],
+    epochs: int = 1,
+    pool: slots.SlotPool | None = None,
 ) -> float:
+    """Samples/s through the loader; with a slot ``pool`` every batch is released on arrival."""
     collate = partial(
         collate_train, pad_id=0, image_token_id=ds.renderer.image_token_id, tokens_per_image=tpi
     )
     sampler = ResumableSampler(len(ds), world_size=1, rank=0, seed=0, global_batch_size=batch_size)
     loader = build_loader(
-        ds, sampler, collate, batch_size=batch_size, num_workers=workers, prefetch_factor=4,
-        pin_memory=True, persistent_workers=True, seed=0,
+        ds, sampler, collate, batch_size=batch_size, num_workers=workers, prefetch_factor=PREFETCH,
+        pin_memory=True, persistent_workers=True, seed=0, pool=pool,
     )  # fmt: skip
-    list(loader)  # warm-up: worker start, first shard opens, page cache
+
+    def consume() -> int:
+        n = 0
+        for b in loader:
+            n += len(b["task_ids"])
+            slots.release(b)
+        return n
+
+    consume()  # warm-up: worker start, first shard opens, page cache
     start = time.perf_counter()
-    n = sum(len(b["task_ids"]) for _ in range(epochs) for b in loader)
+    n = sum(consume() for _ in range(epochs))
     return n / (time.perf_counter() - start)
-
-
-def _previous_stack(arrays: list[np.ndarray]) -> torch.Tensor:
-    """The data path before `collate.stack_images`: the dataset made every flipped image
-    contiguous (for an rsfMRI window, a transposing copy out of its time-first storage), np.stack
-    copied into private memory, and sending the batch from a worker copied it into shared memory.
-    Flipped views are the only items with negative strides, so this redoes exactly that."""
-    arrays = [np.ascontiguousarray(a) if min(a.strides) < 0 else a for a in arrays]
-    return torch.from_numpy(np.stack(arrays))
-
-
-@contextlib.contextmanager
-def previous_data_path() -> Iterator[None]:
-    """Swap the data path before `collate.stack_images` in at module level (forked loader
-    workers inherit it)."""
-    ours = collate_module.stack_images
-    collate_module.stack_images = _previous_stack
-    try:
-        yield
-    finally:
-        collate_module.stack_images = ours
 
 
 def gpu_shape_feed(root: Path, tok, subjects: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -146,20 +147,58 @@ def gpu_shape_feed(root: Path, tok, subjects: int) -> tuple[dict[str, float], di
             load_instructions(tasks_file), shards, Renderer(tok, tpi, max_length=FIXED_LENGTH),
             train=True, seed=0, rsfmri_length=grid[3] if len(grid) == 4 else 1, flip=True,
         )  # fmt: skip
-        rates: dict[str, list[float]] = {"ours": [], "previous": []}
+        pool = slot_pool(ds, micro, 1)
+        rates: dict[str, list[float]] = {"slots": [], "fresh": []}
         for _round in range(2):
-            rates["ours"].append(loader_rate(ds, 1, micro, tpi, epochs=2))
-            with previous_data_path():
-                rates["previous"].append(loader_rate(ds, 1, micro, tpi, epochs=2))
-        rate, before = statistics.median(rates["ours"]), statistics.median(rates["previous"])
+            rates["slots"].append(loader_rate(ds, 1, micro, tpi, epochs=2, pool=pool))
+            rates["fresh"].append(loader_rate(ds, 1, micro, tpi, epochs=2))
+        del pool
+        rate, before = statistics.median(rates["slots"]), statistics.median(rates["fresh"])
         mb_per_sample = np.prod(grid) * 2 / 1e6  # float16 voxels
         name = f"{modality} {'x'.join(map(str, grid))}"
         figures[f"{name} mb {micro}: samples/s, 1 worker"] = rate
-        figures[f"{name} mb {micro}: samples/s, 1 worker, previous data path"] = before
+        figures[f"{name} mb {micro}: samples/s, 1 worker, fresh batch (before slots)"] = before
         figures[f"{name} mb {micro}: MB/s, 1 worker"] = rate * mb_per_sample
         figures[f"{name}: workers per H100 at goal speed"] = GPU_DEMAND[modality] / rate
-        ratio[f"{name} feed, ours / previous data path"] = rate / before
+        ratio[f"{name} feed, slots / fresh batch"] = rate / before
     return figures, ratio
+
+
+WAIT_STEPS, WAIT_WARMUP = 8, 3
+
+
+def data_wait(root: Path, tree: Path, tag: str) -> float:
+    """Median data_wait_frac (steps after WAIT_WARMUP) of a 1-rank CPU training run of the code
+    in ``tree`` with one loader worker at the T1 feed shapes: tiny preset, T1 96^3 / 16^3
+    patches, flip on, micro-batch 64, 2 micro-batches per step (both fetched before the first
+    forward, so the slots are reused across a step)."""
+    from benchmarks.common import REPO, bench_env, deepspeed_cmd, run_logged
+
+    out = root / f"wait-{tag}"
+    overrides = [
+        f"output_dir={out}", f"data.shards={root / 'shards'}", f"data.train=[{root / 'feed_T1.jsonl'}]",
+        "data.eval=[]", "data.flip=true", "data.num_workers=1", "data.max_length=512",
+        'model.modalities={"T1": {"size": [96, 96, 96], "patch": [16, 16, 16]}}',
+        f"train.max_steps={WAIT_STEPS}", "train.global_batch=128", "train.micro_batch=64",
+        "checkpoint.every_steps=0", "eval.at_end=false", "log.every_steps=1",
+        "log.tensorboard=false", "log.progress=false",
+    ]  # fmt: skip
+    args = [
+        "--config",
+        str(REPO / "configs" / "demo.yaml"),
+        "--resume",
+        "none",
+        "--set",
+        *overrides,
+    ]
+    script = tree / "umbrella_ds" / "train" / "__main__.py"
+    run_logged(
+        deepspeed_cmd(script, args, 1), root / f"wait-{tag}.log", timeout=1200,
+        env=bench_env(PYTHONPATH=str(tree)),
+    )  # fmt: skip
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    waits = [r["data_wait_frac"] for r in records if r.get("split") == "train"]
+    return statistics.median(waits[WAIT_WARMUP:])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure one worker's feed rate at the GPU benchmark's shapes",
     )
     parser.add_argument("--gpu-shape-subjects", type=int, default=8)
+    parser.add_argument(
+        "--data-wait-before",
+        type=Path,
+        default=None,
+        help="a checkout of the code before batch slots: also measure data_wait_frac of a 1-rank "
+        "CPU training run with one loader worker at the T1 feed shapes, that code and this",
+    )
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -212,6 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpu_shapes:
             feed, ratio = gpu_shape_feed(Path(tmp) / "gpu_shapes", tok, args.gpu_shape_subjects)
             figures.update(feed)
+            if args.data_wait_before is not None:
+                from benchmarks.common import REPO
+
+                root = Path(tmp) / "gpu_shapes"
+                for _round in range(2):  # alternating: load from other work hits both alike
+                    for tag, tree in (("before", args.data_wait_before), ("slots", REPO)):
+                        key = f"T1 96^3 mb 64, 1-rank CPU run, 1 worker: data_wait_frac, {tag}"
+                        figures[key] = min(figures.get(key, 1.0), data_wait(root, tree, tag))
 
     config = {
         "subjects": args.subjects,

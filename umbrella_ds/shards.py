@@ -69,6 +69,20 @@ def default_compression(modality: str) -> str:
 DEFAULT_COMPRESSION: dict[str, str] = {  # per modality registered at import (help text, benchmarks)
     m.name: DEFAULT_COMPRESSION_BY_STORAGE[m.storage] for m in modality_table.all()
 }
+# Blosc decoder threads per reading process. Loader workers are processes, one core each, so 1
+# (benchmarks/compression_bench.py measures 1 and 2: docs/BENCHMARKS.md "The loader at memory
+# speed"); `set_decode_threads` changes it for the process (the benchmarks do).
+DECODE_THREADS = 1
+
+
+def set_decode_threads(n: int) -> None:
+    global DECODE_THREADS
+    if n < 1:
+        raise ValueError(f"decode threads must be >= 1, got {n}")
+    DECODE_THREADS = int(n)
+    blosc.set_nthreads(DECODE_THREADS)
+
+
 # Per-chunk digest of v2: xxh3-64, seed 0, over the chunk's bytes as stored in the file.
 DIGEST_SEED = 0
 DIGEST_SUFFIX = "_xxh3"
@@ -650,9 +664,9 @@ class _ChunkReader:
         self.raw_cap = max(self.chunk_nbytes + 4096, int(self.sizes.max(initial=0)))
         filters = ds.id.get_create_plist().get_nfilters()
         self.codec = _codec_of(ds) if filters else "none"
-        if self.codec == "blosc" and blosc.nthreads != 1:
+        if self.codec == "blosc" and blosc.nthreads != DECODE_THREADS:
             # Loader workers are processes, one core each: decoder threads would oversubscribe.
-            blosc.set_nthreads(1)
+            blosc.set_nthreads(DECODE_THREADS)
         self.fd = os.open(path, os.O_RDONLY)
 
     def close(self) -> None:
@@ -895,12 +909,9 @@ class ShardDataset:
     def _shard_path(self, shard: int) -> Path:
         return self.path / self._shard_files[shard]
 
-    def _read_v1(
-        self, shard: int, name: str, sel: Any, shape: tuple[int, ...], what: str
-    ) -> np.ndarray:
-        """v1: read ``sel`` straight into a new float16 array (fletcher32 verified by HDF5)."""
+    def _read_v1(self, shard: int, name: str, sel: Any, out: np.ndarray, what: str) -> np.ndarray:
+        """v1: read ``sel`` straight into ``out`` (fletcher32 verified by HDF5)."""
         try:
-            out = np.empty(shape, dtype=DTYPE)
             self._file(shard)[name].read_direct(out, sel)
             return out
         except ShardError:
@@ -933,8 +944,25 @@ class ShardDataset:
             self._scratch[name] = buf
         return buf
 
-    def read(self, subject: str, modality: str) -> np.ndarray:
-        """Whole stored image: a volume (D,H,W) (T1); a series (D,H,W,T) (rsfMRI), float16."""
+    # Readers that take ``out=`` (the loader's batch slots decode straight into them).
+    reads_into = True
+
+    def _out(self, out: np.ndarray | None, shape: tuple[int, ...], what: str) -> np.ndarray:
+        """``out`` checked against the read's shape, or a new array (first-touch faults included)."""
+        if out is None:
+            return np.empty(shape, dtype=DTYPE)
+        if out.shape != shape or out.dtype != DTYPE or not out.flags.c_contiguous:
+            raise ValueError(
+                f"{what}: out must be a C-contiguous {np.dtype(DTYPE).name} array of shape "
+                f"{shape}, got {out.dtype} {out.shape}"
+            )
+        return out
+
+    def read(self, subject: str, modality: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Whole stored image: a volume (D,H,W) (T1); a series (D,H,W,T) (rsfMRI), float16.
+
+        ``out`` (volumes only): a C-contiguous float16 (D,H,W) array the image is read and decoded
+        straight into (no array allocated; the loader's reused batch slots)."""
         rec = self._modality_entry(subject, modality)
         shard = self._entry(subject)["shard"]
         if not modality_table.is_known(modality):
@@ -943,19 +971,27 @@ class ShardDataset:
             row = int(rec["row"])
             name = dataset_name(modality)
             what = f"subject {subject} {modality} (chunk {row})"
+            out = self._out(out, self.shape(modality), what)
             if self.format_version == 1:
-                return self._read_v1(shard, name, np.s_[row], self.shape(modality), what)
-            out = np.empty(self.shape(modality), dtype=DTYPE)
+                return self._read_v1(shard, name, np.s_[row], out, what)
             r = self._reader(shard, name)
             scratch = self._scratch_for(name, r.raw_cap)
             r.read_chunk(
                 row, out.reshape(-1).view(np.uint8), scratch, f"subject {subject} {modality}"
             )
             return out
+        if out is not None:
+            raise ValueError(f"read(out=...) reads volumes; use read_window for {modality}")
         return self.read_window(subject, modality, 0, rec["frames"])
 
-    def read_window(self, subject: str, modality: str, start: int, length: int) -> np.ndarray:
-        """Frames [start, start+length) as (D,H,W,length) float16 (a transposed view, no copy)."""
+    def read_window(
+        self, subject: str, modality: str, start: int, length: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Frames [start, start+length) as (D,H,W,length) float16 (a transposed view, no copy).
+
+        The frames are stored time-first and read that way: ``out``, if given, is a C-contiguous
+        float16 (length,D,H,W) array they are read and decoded straight into (the loader's batch
+        slot); the (D,H,W,length) view of it is returned."""
         if modality not in modality_table.series_names():
             series = ", ".join(modality_table.series_names())
             raise KeyError(f"read_window reads {series}, not {modality!r}")
@@ -968,12 +1004,12 @@ class ShardDataset:
         shard = self._entry(subject)["shard"]
         shape = (length, *self.shape(modality))
         name = dataset_name(modality)
+        out = self._out(out, shape, f"subject {subject} {modality} window")
         if self.format_version == 1:
             first, last = off // FRAMES_PER_CHUNK, (off + length - 1) // FRAMES_PER_CHUNK
             what = f"subject {subject} {modality} frames {start}..{start + length} (chunks {first}..{last})"
-            out = self._read_v1(shard, name, np.s_[off : off + length], shape, what)
+            self._read_v1(shard, name, np.s_[off : off + length], out, what)
         else:
-            out = np.empty(shape, dtype=DTYPE)
             r = self._reader(shard, name)
             scratch = self._scratch_for(name, r.raw_cap + r.chunk_nbytes)
             r.read_rows(off, out, scratch, subject, start, modality)

@@ -35,6 +35,7 @@ class Case:
     patches: str = (
         "divide"  # divide | floor: patches that leave trailing voxels unseen (Conv3d floor)
     )
+    num_workers: int = 0  # data.num_workers: > 0 reads through reused batch slots
 
 
 CASES = [
@@ -51,7 +52,11 @@ CASES = [
         "t3cross-zero3-llava15-ckpt", "t3_cross", "zero3", preset="tiny-llava15", checkpointing=True
     ),
     Case("mixed-zero3-siglip-floor", "mixed", "zero3", patches="floor"),
+    # loader workers writing into reused batch slots, 2-4 micro-batches per step fetched up front
+    Case("mixed-zero2-siglip-workers2", "mixed", "zero2", num_workers=2),
 ]
+# A case whose batches must equal another's bit for bit (it differs only in how they are read).
+SAME_BATCHES = {"mixed-zero2-siglip-workers2": "mixed-zero2-siglip"}
 
 # instruction files under the fixture's instructions/ folder (written by conftest.py)
 TRAIN_FILES = {
@@ -116,4 +121,6 @@ def overrides(case: Case, data: Path, out: Path) -> list[str]:
         "log.progress": "false",
         "log.tensorboard": "false",
     }
+    if case.num_workers:
+        sets["data.num_workers"] = str(case.num_workers)
     return [f"{k}={v}" for k, v in sets.items()]

@@ -15,7 +15,7 @@ import torch
 
 from umbrella_ds.train.export import trained_state
 
-from .cases import CASES, STEPS, Case
+from .cases import CASES, SAME_BATCHES, STEPS, Case
 
 LOSS_RTOL = 1e-4
 WEIGHT_RTOL = 1e-5
@@ -128,3 +128,13 @@ def test_a_rebuilt_base_that_differs_is_refused(two_rank_runs: Path, tmp_path: P
         export(step, tmp_path / "export2")
     assert "0" * 64 in str(err.value) and recorded in str(err.value)
     assert not (tmp_path / "export2" / "export.json").exists()
+
+
+@pytest.mark.parametrize("name", sorted(SAME_BATCHES))
+def test_loader_workers_change_nothing(name: str, reference_runs: Path) -> None:
+    """Loader workers with reused batch slots give the 1-rank reference the very same losses and
+    weights as reading in the training process: the slots change how, never what, is read."""
+    ref, run = reference_runs / SAME_BATCHES[name], reference_runs / name
+    assert [r["loss"] for r in _records(run, "train")] == [r["loss"] for r in _records(ref, "train")]
+    w_ref, w_run = _final_weights(ref), _final_weights(run)
+    assert sorted(w_ref) == sorted(w_run) and all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)

@@ -85,14 +85,42 @@ def stack_images(arrays: Sequence[np.ndarray]) -> torch.Tensor:
     return out.movedim(1, -1) if series else out
 
 
+def _materialised(image: Any) -> np.ndarray:
+    """An item's image as an array (a deferred `dataset.ImageRead` is read here)."""
+    return image if isinstance(image, np.ndarray) else image.read()
+
+
+def write_images(images: Sequence[Any], out: torch.Tensor) -> torch.Tensor:
+    """Images written once each into ``out`` (a reused batch slot in the stored layout: (N, D, H,
+    W), or (N, T, D, H, W) for series); returns the batch's view, as `stack_images` would.
+
+    A deferred image (`dataset.ImageRead`) is read and decoded straight into its place; an array
+    (an item read before) is copied there. Nothing else is allocated."""
+    if len(images) > out.shape[0]:
+        raise ValueError(f"{len(images)} images but the batch slot holds {out.shape[0]}")
+    dest = out.numpy()
+    for n, image in enumerate(images):
+        if isinstance(image, np.ndarray):
+            src = np.moveaxis(image, -1, 0) if out.ndim == 5 else image
+            if src.shape != dest.shape[1:]:
+                raise ValueError(f"image of shape {image.shape} for a slot of {tuple(out.shape)}")
+            np.copyto(dest[n], src)
+        else:
+            image.read_into(dest[n])
+    batch = out[: len(images)]
+    return batch.movedim(1, -1) if out.ndim == 5 else batch
+
+
 def _group_images(
     samples: Sequence[Mapping[str, Any]],
     offsets: Sequence[np.ndarray],
     image_token_id: int,
     tokens_per_image: Mapping[str, int],
     ids_key: str,
+    out: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """offsets[b] maps a sample's local position to its flat position in the batch."""
+    """offsets[b] maps a sample's local position to its flat position in the batch; ``out``: a
+    batch slot per modality the images are written into (`write_images`), else new tensors."""
     arrays: dict[str, list[np.ndarray]] = {}
     positions: dict[str, list[np.ndarray]] = {}
     for b, sample in enumerate(samples):
@@ -105,6 +133,10 @@ def _group_images(
             positions.setdefault(mod, []).append(block + offsets[b])
     images = {}
     for mod, arrs in arrays.items():
+        if out is not None:
+            images[mod] = write_images(arrs, out[mod])
+            continue
+        arrs = [_materialised(a) for a in arrs]
         shapes = {a.shape for a in arrs}
         if len(shapes) != 1:
             raise ValueError(f"images of modality {mod!r} in one batch differ in shape: {shapes}")
@@ -121,8 +153,11 @@ def collate_train(
     pad_id: int,
     image_token_id: int,
     tokens_per_image: Mapping[str, int],
+    out: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Right-pad to the longest sample; see the module docstring for the index tensors."""
+    """Right-pad to the longest sample; see the module docstring for the index tensors.
+
+    ``out``: a batch slot per modality (`slots.SlotPool`) the images are written into."""
     if not samples:
         raise ValueError("collate_train got an empty batch")
     lengths = [len(s["input_ids"]) for s in samples]
@@ -145,7 +180,7 @@ def collate_train(
     loss_targets = labels[rows, cols + 1]
     offsets = [np.int64(b * seq) for b in range(bsz)]
     images, image_positions = _group_images(
-        samples, offsets, image_token_id, tokens_per_image, "input_ids"
+        samples, offsets, image_token_id, tokens_per_image, "input_ids", out
     )
     return {
         "input_ids": torch.from_numpy(input_ids),

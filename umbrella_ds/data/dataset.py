@@ -20,6 +20,8 @@ rsfMRI windows of `rsfmri_length` frames:
 Flip: in training with flip=True each spatial axis of each image is flipped with probability 1/2;
 never in evaluation. Item images may be views (flipped, time axis last over the stored
 frames-first window); the collate copies each once, into the batch (`collate.stack_images`).
+`item(key, deferred=True)` (the loader with batch slots, `DeferredImages`) reads nothing: its
+images are `ImageRead`s, which the collate decodes straight into their place in a batch slot.
 
 Samples longer than the renderer's max_length are handled when the dataset is built (tokens do
 not depend on randomness): rejected tasks are dropped and counted in `num_rejected`, truncated
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +44,61 @@ from .instructions import Task
 from .render import EvalSample, RenderedSample, Renderer, SampleTooLongError
 
 WindowMode = Literal["random", "non_overlapping", "first"]
+
+_SCRATCH: dict[tuple[tuple[int, ...], str], np.ndarray] = {}
+
+
+def _scratch(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A per-process buffer of ``shape``, allocated once and reused: where a flipped image is
+    decoded before its one (flipped) copy into the batch slot."""
+    key = (tuple(shape), np.dtype(dtype).str)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        buf = _SCRATCH[key] = np.empty(shape, dtype=dtype)
+    return buf
+
+
+@dataclass(frozen=True)
+class ImageRead:
+    """One image of an item, not read yet: where it is stored and how it is flipped.
+
+    ``read()`` gives what a plain item holds (a view, flipped and, for a series, time-last);
+    ``read_into(out)`` writes it once into ``out`` in the stored layout ((D,H,W) for a volume,
+    (T,D,H,W) for a series window: the batch slot's layout). An unflipped image is decoded
+    straight into ``out``. A flipped one is decoded into a reused per-process scratch and copied
+    flipped into ``out``: numpy cannot flip in place without its own temporary (the halves of a
+    flip along an inner axis interleave), and the scratch is the same bytes, allocated once.
+    """
+
+    reader: Any
+    subject: str
+    modality: str
+    start: int | None  # window start (series), None for a volume
+    length: int
+    flip: tuple[int, ...]  # spatial axes (0, 1, 2 of D, H, W)
+
+    def _raw(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The stored layout: (D,H,W) or (T,D,H,W); into ``out`` when the reader can."""
+        kw = {"out": out} if out is not None else {}
+        if self.start is None:
+            return self.reader.read(self.subject, self.modality, **kw)
+        arr = self.reader.read_window(self.subject, self.modality, self.start, self.length, **kw)
+        return np.moveaxis(arr, -1, 0)
+
+    def read(self) -> np.ndarray:
+        arr = self._raw()
+        if self.start is not None:
+            arr = np.moveaxis(arr, 0, -1)
+        return np.flip(arr, axis=self.flip) if self.flip else arr
+
+    def read_into(self, out: np.ndarray) -> None:
+        into = getattr(self.reader, "reads_into", False)
+        if not self.flip and into:
+            self._raw(out)
+            return
+        src = self._raw(_scratch(out.shape, out.dtype)) if into else self._raw()
+        axes = tuple(a + (self.start is not None) for a in self.flip)
+        np.copyto(out, np.flip(src, axis=axes) if axes else src)
 
 
 def _open_shards(path: Path):
@@ -177,25 +235,30 @@ class InstructionDataset:
         return int(rng.integers(n_starts)) * self.window_stride
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        return self.item(key)
+
+    def item(self, key: tuple[int, int] | int, deferred: bool = False) -> dict[str, Any]:
+        """The item at ``key``; ``deferred``: its images as `ImageRead`s, nothing read yet (the
+        same randomness is drawn in the same order, so the images are the same)."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
         t, window = self._items[index]
         task = self.tasks[t]
         rng = np.random.default_rng([self.seed, int(epoch), int(index)])
-        images: list[tuple[str, np.ndarray]] = []
+        images: list[tuple[str, Any]] = []
         starts: list[int | None] = []
         for im in task.images:
+            start = None
             if _windowed(im.modality):
                 start = self.window_start(task, im.subject_id, window, rng)
-                arr = self.shards.read_window(im.subject_id, im.modality, start, self.rsfmri_length)
-                starts.append(start)
-            else:
-                arr = self.shards.read(im.subject_id, im.modality)
-                starts.append(None)
+            starts.append(start)
+            axes: tuple[int, ...] = ()
             if self.flip:
                 axes = tuple(int(a) for a in np.flatnonzero(rng.random(3) < 0.5))
-                if axes:
-                    arr = np.flip(arr, axis=axes)  # a view: the collate makes the one copy
-            images.append((im.modality, arr))
+            read = ImageRead(
+                self.shards, im.subject_id, im.modality, start, self.rsfmri_length, axes
+            )
+            # deferred: the collate reads it into the batch; else a view the collate copies once
+            images.append((im.modality, read if deferred else read.read()))
         rendered = self._rendered[t]
         item: dict[str, Any] = {
             "input_ids": rendered.input_ids,
@@ -212,3 +275,16 @@ class InstructionDataset:
             item["prompt_ids"] = ev.prompt_ids
             item["target_text"] = ev.target_text
         return item
+
+
+class DeferredImages:
+    """A dataset's items with `ImageRead`s for images: what a loader with batch slots reads."""
+
+    def __init__(self, dataset: InstructionDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, Any]:
+        return self.dataset.item(key, deferred=True)

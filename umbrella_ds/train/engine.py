@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from umbrella_ds.config import RunConfig
-from umbrella_ds.data import ResumableSampler
+from umbrella_ds.data import ResumableSampler, slots
 from umbrella_ds.data.collate import to_device
 from umbrella_ds.model import model_forward_loss
 from umbrella_ds.model.flops import FlopCounter, flop_counter
@@ -217,7 +217,7 @@ def loop(state: Run) -> int:
     """Steps until train.max_steps: fetch, agree, step, log, save, evaluate; stop on a signal."""
     t = state.cfg.train
     steps = _Steps(state)
-    loader = train_loader(state.inputs, state.sampler, t.micro_batch, state.cfg.data)
+    loader = train_loader(state.inputs, state.sampler, t.micro_batch, state.cfg.data, steps.gas)
     batches_iter = iter(loader)
     bad = 0
     last_saved: Path | None = None
@@ -330,11 +330,14 @@ class _Steps:
         # summed on the device and read once per step: no host sync between micro-batches
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for mb in batches:
-            loss, s = self.engine(to_device(mb, self.device), normaliser)
+            dev_mb = to_device(mb, self.device)
+            copied = slots.copy_event(self.device)  # GPU: the slot is free once this completes
+            loss, s = self.engine(dev_mb, normaliser)
             if step in self.nan_steps:
                 loss = loss * float("nan")
                 s = s * float("nan")
             self.engine.backward(loss)
+            slots.release(mb, copied)  # CPU: Conv3d kept the slot's images for the backward
             self.engine.step()
             loss_sum += s.detach().double()
         dist.all_reduce(loss_sum)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from umbrella_ds.data import (
     collate_train,
     load_instructions,
     resolve_subjects,
+    slots,
 )
 from umbrella_ds.data.template import ChatTemplate, template_of
 from umbrella_ds.model import image_token_id, num_image_tokens
@@ -124,7 +126,47 @@ def data_fingerprint(shards_fingerprint: str, files: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def train_loader(inputs: Inputs, sampler: ResumableSampler, micro_batch: int, data: DataConfig):
+def slot_pool(train_set: InstructionDataset, micro_batch: int, gas: int, data: DataConfig):
+    """The loader workers' batch slots (`umbrella_ds.data.slots`), sized to cover the ``gas``
+    micro-batches a step fetches plus the prefetch; a config that shared memory cannot hold is
+    refused before anything is allocated. None without workers."""
+    if data.num_workers < 1:
+        return None
+    if data.prefetch_factor < 1:
+        raise ConfigError(
+            f"data.prefetch_factor: must be >= 1 with workers, got {data.prefetch_factor}"
+        )
+    reader = open_dataset(data.shards)
+    layouts = slots.image_layouts(train_set.tasks, reader, micro_batch, train_set.rsfmri_length)
+    per_worker = slots.slots_per_worker(gas, data.num_workers, data.prefetch_factor)
+    need = slots.SlotPool.nbytes_for(layouts, data.num_workers, per_worker)
+    free = _shm_free_bytes()
+    if need > free:
+        raise ConfigError(
+            f"data.num_workers: {data.num_workers} workers x {per_worker} batch slots "
+            f"({gas} micro-batches per step + data.prefetch_factor {data.prefetch_factor}) need "
+            f"{need / 1e9:.2f} GB of shared memory, {SHM_DIR} has {free / 1e9:.2f} GB free: lower "
+            "data.num_workers or data.prefetch_factor, or enlarge /dev/shm"
+        )
+    return slots.SlotPool(layouts, data.num_workers, per_worker)
+
+
+SHM_DIR = "/dev/shm"  # where torch's shared memory (shm_open) lives on Linux
+
+
+def _shm_free_bytes() -> int:
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 1 << 62  # no /dev/shm to ask: torch's allocation says it if it fails
+    return st.f_bavail * st.f_frsize
+
+
+def train_loader(
+    inputs: Inputs, sampler: ResumableSampler, micro_batch: int, data: DataConfig, gas: int = 1
+):
+    """The training loader; with workers, its batches live in reused slots and must be released
+    (`umbrella_ds.data.slots.release`) once their micro-batch's backward is done."""
     return build_loader(
         inputs.train_set,
         sampler,
@@ -135,4 +177,5 @@ def train_loader(inputs: Inputs, sampler: ResumableSampler, micro_batch: int, da
         pin_memory=True,
         persistent_workers=True,
         seed=sampler.seed,
+        pool=slot_pool(inputs.train_set, micro_batch, gas, data),
     )
