@@ -81,6 +81,9 @@ class DataConfig:
     num_workers: int = 0
     prefetch_factor: int = 2
     allow_overlap: bool = False  # let a subject be in both data.train and data.eval (leakage guard)
+    # A node-local folder (NVMe) the shards are copied to at start, one copier per node, and read
+    # from (umbrella_ds/data/staging.py; docs/OPERATIONS.md says when it pays). "" = read data.shards.
+    stage_dir: str = ""
 
 
 @dataclass
@@ -220,6 +223,7 @@ NOT_FINGERPRINTED: tuple[str, ...] = (
     "data.train",
     "data.eval",
     "data.num_workers",
+    "data.stage_dir",
     "data.prefetch_factor",
     "data.allow_overlap",
 )

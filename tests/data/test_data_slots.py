@@ -134,6 +134,8 @@ def test_read_into_equals_read(cohort_6):
     assert np.array_equal(vol, reader.read(s, "T1"))
     win = np.empty((4, *reader.shape("rsfMRI")), np.float16)
     view = reader.read_window(s, "rsfMRI", 3, 4, out=win)
-    assert np.shares_memory(view, win) and np.array_equal(view, reader.read_window(s, "rsfMRI", 3, 4))
+    assert np.shares_memory(view, win) and np.array_equal(
+        view, reader.read_window(s, "rsfMRI", 3, 4)
+    )
     with pytest.raises(ValueError, match="out must be a C-contiguous float16"):
         reader.read(s, "T1", out=np.empty((2, 2, 2), np.float16))

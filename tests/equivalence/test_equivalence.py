@@ -135,6 +135,8 @@ def test_loader_workers_change_nothing(name: str, reference_runs: Path) -> None:
     """Loader workers with reused batch slots give the 1-rank reference the very same losses and
     weights as reading in the training process: the slots change how, never what, is read."""
     ref, run = reference_runs / SAME_BATCHES[name], reference_runs / name
-    assert [r["loss"] for r in _records(run, "train")] == [r["loss"] for r in _records(ref, "train")]
+    assert [r["loss"] for r in _records(run, "train")] == [
+        r["loss"] for r in _records(ref, "train")
+    ]
     w_ref, w_run = _final_weights(ref), _final_weights(run)
     assert sorted(w_ref) == sorted(w_run) and all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)

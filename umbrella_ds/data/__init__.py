@@ -14,7 +14,6 @@ from .instructions import (
     resolve_subjects,
     subject_from_path,
 )
-from . import slots
 from .loader import build_loader
 from .render import (
     IGNORE_INDEX,

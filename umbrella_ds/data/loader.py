@@ -7,6 +7,7 @@ with none. Shards opened from a path are opened inside each worker after the for
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 from collections.abc import Callable, Iterator
@@ -97,10 +98,8 @@ def _name_dead_workers(it: Any) -> None:
             ) from err
 
     handler._names_workers = True  # type: ignore[attr-defined]
-    try:
+    with contextlib.suppress(ValueError):  # not the main thread: PyTorch's message stays
         signal.signal(signal.SIGCHLD, handler)
-    except ValueError:  # not the main thread: PyTorch's message stays as it is
-        pass
 
 
 def _named(it: Any, err: RuntimeError) -> RuntimeError:

@@ -144,7 +144,10 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
         n_blocks = compile_blocks(model, zero3=zero3)
         if rank == 0:
             log.info("train.compile=blocks: compiled %d transformer blocks", n_blocks)
-    inputs = build_inputs(cfg.data, cfg.model, model, built.tokenizer, cfg.train.seed)
+    inputs = build_inputs(
+        cfg.data, cfg.model, model, built.tokenizer, cfg.train.seed,
+        local_rank=denv.local_rank, progress=cfg.log.progress,
+    )  # fmt: skip
     check_keep_best_task(cfg, inputs)
     ck = cfg.model.checkpointing
     flops = flop_counter(model, (ck.vision, ck.language))

@@ -28,6 +28,7 @@ from umbrella_ds.data import (
     resolve_subjects,
     slots,
 )
+from umbrella_ds.data.staging import stage_for_node
 from umbrella_ds.data.template import ChatTemplate, template_of
 from umbrella_ds.model import image_token_id, num_image_tokens
 from umbrella_ds.shards import open_dataset
@@ -48,10 +49,23 @@ class Inputs:
     template: ChatTemplate  # the base model's conversation template (evaluation scores with it)
 
 
-def build_inputs(data: DataConfig, model_cfg: ModelConfig, model, tokenizer, seed: int) -> Inputs:
+def build_inputs(
+    data: DataConfig,
+    model_cfg: ModelConfig,
+    model,
+    tokenizer,
+    seed: int,
+    local_rank: int = 0,
+    progress: bool = False,
+) -> Inputs:
+    """``local_rank``: the node-local rank (the launcher's); with ``data.stage_dir`` rank 0 of
+    each node copies the shards there and every rank reads them from there."""
     if tokenizer is None:
         raise RuntimeError(f"model {model_cfg.source!r} has no tokenizer; training needs one")
-    shards = open_dataset(data.shards)
+    shards_dir = data.shards
+    if data.stage_dir:
+        shards_dir = str(stage_for_node(data.shards, data.stage_dir, local_rank, progress))
+    shards = open_dataset(shards_dir)
     shards.check()
     mods = list(model_cfg.modalities)
     tokens = {m: num_image_tokens(model, m) for m in mods}
@@ -67,7 +81,7 @@ def build_inputs(data: DataConfig, model_cfg: ModelConfig, model, tokenizer, see
             log.warning("skipped %d task(s) whose subjects are not in %s", skipped, data.shards)
         ds = InstructionDataset(
             tasks,
-            data.shards,
+            shards_dir,
             renderer,
             train=train,
             seed=seed,
@@ -136,7 +150,7 @@ def slot_pool(train_set: InstructionDataset, micro_batch: int, gas: int, data: D
         raise ConfigError(
             f"data.prefetch_factor: must be >= 1 with workers, got {data.prefetch_factor}"
         )
-    reader = open_dataset(data.shards)
+    reader = train_set.shards  # the index only: shards open in the workers, after the fork
     layouts = slots.image_layouts(train_set.tasks, reader, micro_batch, train_set.rsfmri_length)
     per_worker = slots.slots_per_worker(gas, data.num_workers, data.prefetch_factor)
     need = slots.SlotPool.nbytes_for(layouts, data.num_workers, per_worker)
