@@ -139,3 +139,24 @@ def test_read_into_equals_read(cohort_6):
     )
     with pytest.raises(ValueError, match="out must be a C-contiguous float16"):
         reader.read(s, "T1", out=np.empty((2, 2, 2), np.float16))
+
+
+def test_a_slot_released_after_a_gpu_copy_waits_for_its_event():
+    """The CUDA path without a GPU: a release with the copy's event frees the slot only once the
+    event has been waited on (before the next fetch), never at the release call."""
+
+    class Event:
+        waited = False
+
+        def synchronize(self):
+            self.waited = True
+
+    pool = slots.SlotPool({"T1": (2, 4, 4, 4)}, num_workers=1, per_worker=2)
+    assert pool.acquire(0) == 0 and pool.acquire(0) == 1
+    event = Event()
+    pool.release(0, 1, copied=event)
+    assert pool.free.tolist() == [[0, 0]]
+    pool.release(0, 0)
+    assert pool.free.tolist() == [[1, 0]]
+    pool.settle()
+    assert event.waited and pool.free.tolist() == [[1, 1]]
