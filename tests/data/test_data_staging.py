@@ -132,3 +132,14 @@ def test_stage_dir_is_not_fingerprinted():
     a, b = RunConfig(), RunConfig()
     b.data.stage_dir = "/local/nvme/x"
     assert a.fingerprint() == b.fingerprint()
+
+
+def test_only_the_node_copier_stages(source, tmp_path):
+    """Node-local rank 0 copies; another rank of the node (here with no process group, so no
+    barrier) finds the staged index or refuses naming data.stage_dir."""
+    nvme = tmp_path / "nvme"
+    with pytest.raises(staging.StagingError, match=r"^data\.stage_dir: .* no staged index"):
+        staging.stage_for_node(source, nvme, local_rank=1, progress=False)
+    assert not staging.staged_path(source, nvme).exists()
+    staged = staging.stage_for_node(source, nvme, local_rank=0, progress=False)
+    assert staging.stage_for_node(source, nvme, local_rank=1, progress=False) == staged
