@@ -288,3 +288,26 @@ def test_real_run_with_an_hf_style_json_records_what_it_used(train_data, tmp_pat
     # LambdaLR computes base_lr * factor, the same float operation as here, and JSON round-trips
     # floats exactly: no noise to allow for beyond the last bit.
     assert logged == pytest.approx([lr * f(s) for s in range(steps)], rel=1e-12)
+
+
+@pytest.mark.timeout(600)
+def test_real_zero3_run_with_hf_style_offload_json(train_data, tmp_path):
+    """ZeRO-3, bf16, HF's zero3 form: "auto" bucket sizes from the tiny model's hidden size, a
+    WarmupLR block on a flat schedule, both offload blocks (dropped: CPU run); the gradients of a
+    partitioned run are reduced in fp32 too."""
+    out = tmp_path / "run"
+    sets = base_sets(
+        train_data, out,
+        **{"train.deepspeed": FIXTURES / "hf_zero3_offload.json", "train.max_steps": 2,
+           "train.lr": 1e-3, "train.min_lr": 1e-3, "checkpoint.every_steps": 100},
+    )  # fmt: skip
+    proc = run_train(2, sets, timeout=500)
+    check(proc)
+    assert "offload_param dropped" in proc.stdout + proc.stderr
+    ds = metrics(out, "start")[0]["deepspeed"]
+    assert ds["communication_data_type"] == "fp32" and ds["bf16"] == {"enabled": True}
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and "offload_param" not in zero and "offload_optimizer" not in zero
+    assert zero["stage3_param_persistence_threshold"] == 10 * HIDDEN
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * HIDDEN * HIDDEN)
+    assert [r["step"] for r in metrics(out, "train")] == [1, 2]
