@@ -118,7 +118,7 @@ def test_warmup_lr_maps_only_onto_a_flat_schedule(tmp_path):
         ),
         (
             {"type": "WarmupCosineLR", "params": {"warmup_type": "log"}},
-            r"warmup_type='log' conflicts .*linear",
+            r'warmup_type="log" conflicts .*\(the run\'s warmup="linear"\)',
         ),
         (
             {"type": "WarmupCosineLR", "params": {"total_num_steps": 50}},
@@ -228,7 +228,7 @@ def test_offload_is_kept_on_a_gpu_and_param_offload_needs_stage_3(tmp_path):
     "change, sets, message",
     [
         ({"fp16": {"enabled": True}}, {}, r"fp16.enabled=true conflicts .*train.bf16=true"),
-        ({"bf16": {"enabled": False}}, {}, r"bf16.enabled=False conflicts .*train.bf16=True"),
+        ({"bf16": {"enabled": False}}, {}, r"bf16.enabled=false conflicts .*train.bf16=true"),
         ({"train_micro_batch_size_per_gpu": 4}, {},
          r"train_micro_batch_size_per_gpu=4 conflicts .*train.micro_batch=8"),
         ({"train_batch_size": 32}, {}, r"train_batch_size=32 conflicts .*train.global_batch=16"),

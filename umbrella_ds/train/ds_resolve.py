@@ -22,6 +22,7 @@ The result is what the run records (start record and provenance.json) and what
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -111,8 +112,8 @@ class _Resolver:
             node[key] = value
         elif not _same(current, value):
             raise self.fail(
-                f"{dotted}={current!r} conflicts with the run config ({run_key}={value!r}); "
-                'set it to "auto" or change the run config'
+                f"{dotted}={_show(current)} conflicts with the run config "
+                f'({run_key}={_show(value)}); set it to "auto" or change the run config'
             )
 
     # ------------------------------------------------------------ batch, clipping, precision
@@ -217,11 +218,11 @@ class _Resolver:
             )
         decay = t.decay_steps or t.max_steps
         values = {
-            "warmup_min_lr": (0.0, "the warmup's start (0)"),
+            "warmup_min_lr": (0.0, "the run's warmup start"),
             "warmup_max_lr": (t.lr, "train.lr"),
-            "warmup_min_ratio": (0.0, "the warmup's start (0)"),
+            "warmup_min_ratio": (0.0, "the run's warmup start"),
             "warmup_num_steps": (t.warmup_steps, "train.warmup_steps"),
-            "warmup_type": ("linear", "the run's linear warmup"),
+            "warmup_type": ("linear", "the run's warmup"),
             "total_num_steps": (decay, "train.decay_steps or train.max_steps"),
             "cos_min_ratio": (t.min_lr / t.lr, "train.min_lr / train.lr"),
         }
@@ -270,6 +271,11 @@ class _Resolver:
                 zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
             if zero.get("stage3_param_persistence_threshold") == AUTO:
                 zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+
+
+def _show(value: Any) -> str:
+    """A value as the JSON spells it (true, "log", [0.9, 0.999])."""
+    return json.dumps(value)
 
 
 def _same(a: Any, b: Any) -> bool:
