@@ -311,3 +311,10 @@ def test_real_zero3_run_with_hf_style_offload_json(train_data, tmp_path):
     assert zero["stage3_param_persistence_threshold"] == 10 * HIDDEN
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * HIDDEN * HIDDEN)
     assert [r["step"] for r in metrics(out, "train")] == [1, 2]
+
+
+@pytest.mark.parametrize("key", ["optimizer", "scheduler", "zero_optimization", "fp16", "bf16"])
+def test_a_section_that_is_not_an_object_is_refused(tmp_path, key):
+    ds = json.loads((FIXTURES / "hf_zero2.json").read_text()) | {key: 3}
+    with pytest.raises(ConfigError, match=rf"{key} must be a JSON object, got 3"):
+        resolve(train_cfg(ds, tmp_path))

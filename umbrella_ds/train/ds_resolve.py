@@ -100,6 +100,15 @@ class _Resolver:
     def fail(self, msg: str) -> ConfigError:
         return ConfigError(f"{self.where}: {msg}")
 
+    def section(self, key: str, default: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """``ds[key]`` (set to ``default`` where absent and one is given), refused unless an object."""
+        if key not in self.ds and default is not None:
+            self.ds[key] = default
+        node = self.ds.get(key)
+        if node is not None and not isinstance(node, dict):
+            raise self.fail(f"{key} must be a JSON object, got {_show(node)}")
+        return node
+
     def match(self, node: dict[str, Any], key: str, dotted: str, value: Any, run_key: str, *,
               absent_is_auto: bool = False) -> None:  # fmt: skip
         """Fill "auto" (or absent, where allowed) with value; an explicit value must equal it."""
@@ -131,11 +140,11 @@ class _Resolver:
             self.match(ds, key, key, value, run_key, absent_is_auto=True)
         if "bfloat16" in ds and "bf16" not in ds:  # DeepSpeed's other spelling of the section
             ds["bf16"] = ds.pop("bfloat16")
-        self.match(ds.setdefault("bf16", {}), "enabled", "bf16.enabled", t.bf16, "train.bf16",
+        self.match(self.section("bf16", {}), "enabled", "bf16.enabled", t.bf16, "train.bf16",
                    absent_is_auto=True)  # fmt: skip
         for section in ("fp16", "amp"):  # the run config has no fp16/amp: "auto" means off
-            if section in ds:
-                node = ds[section]
+            node = self.section(section)
+            if node is not None:
                 if node.get("enabled") == AUTO:
                     node["enabled"] = False
                 if node.get("enabled") is True:
@@ -151,7 +160,8 @@ class _Resolver:
         """No section: the run config's AdamW, as HF's Trainer builds its own. A section must be
         AdamW whose parameters are "auto", absent or equal to the run config's."""
         t = self.train
-        opt = self.ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+        opt = self.section("optimizer", {"type": "AdamW", "params": {}})
+        assert opt is not None
         kind = opt.get("type")
         if not isinstance(kind, str) or kind.lower() != "adamw":
             raise self.fail(
@@ -159,6 +169,8 @@ class _Resolver:
                 "train.betas, train.adam_eps, train.weight_decay); remove the section or say AdamW"
             )
         params = opt.setdefault("params", {})
+        if not isinstance(params, dict):
+            raise self.fail(f"optimizer.params must be a JSON object, got {_show(params)}")
         if params.get("adam_w_mode", True) is not True:
             raise self.fail("optimizer.params.adam_w_mode=false: only AdamW is supported")
         params.pop("adam_w_mode", None)
@@ -189,7 +201,8 @@ class _Resolver:
         if "scheduler" not in self.ds:
             return
         t = self.train
-        block = self.ds["scheduler"]
+        block = self.section("scheduler")
+        assert block is not None
         kind = block.get("type")
         if kind not in SCHEDULERS:
             raise self.fail(
@@ -208,6 +221,8 @@ class _Resolver:
                 "remove the block, or set train.min_lr to train.lr"
             )
         params = block.setdefault("params", {})
+        if not isinstance(params, dict):
+            raise self.fail(f"scheduler.params must be a JSON object, got {_show(params)}")
         extra = sorted(set(params) - set(SCHEDULER_PARAMS[kind]) - {"last_batch_iteration"})
         if extra:
             raise self.fail(f"scheduler.params.{extra[0]} is not a parameter of {kind}")
@@ -234,8 +249,8 @@ class _Resolver:
     # ------------------------------------------------------------ ZeRO, offload
 
     def zero(self, hidden_size: int | None, on_cpu: bool) -> None:
-        zero = self.ds.get("zero_optimization")
-        if not isinstance(zero, dict):
+        zero = self.section("zero_optimization")
+        if zero is None:
             return
         stage = zero.get("stage", 0)
         if stage not in (0, 1, 2, 3):
