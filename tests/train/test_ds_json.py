@@ -318,3 +318,28 @@ def test_a_section_that_is_not_an_object_is_refused(tmp_path, key):
     ds = json.loads((FIXTURES / "hf_zero2.json").read_text()) | {key: 3}
     with pytest.raises(ConfigError, match=rf"{key} must be a JSON object, got 3"):
         resolve(train_cfg(ds, tmp_path))
+
+
+def test_optimizer_offload_builds_deepspeeds_cpu_adam(monkeypatch):
+    """On a GPU run with offload_optimizer, the optimizer handed to DeepSpeed is its CPU Adam (in
+    AdamW mode, the run config's hyperparameters), so zero_force_ds_cpu_optimizer's check passes.
+    A stand-in class records the call: the real one JIT-compiles a C++ op for minutes."""
+    import deepspeed.ops.adam
+    import torch
+
+    made = {}
+
+    class FakeCPUAdam(torch.optim.AdamW):
+        def __init__(self, params, adamw_mode, **kwargs):
+            made.update(kwargs, adamw_mode=adamw_mode)
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(deepspeed.ops.adam, "DeepSpeedCPUAdam", FakeCPUAdam)
+    model = torch.nn.Linear(2, 2)
+    train = train_cfg("hf_zero3_offload.json", min_lr=1e-3, adam_eps=1e-6)
+    opt, _ = ds_setup.build_optimizer(model, train, resolve(train, on_cpu=False))
+    assert isinstance(opt, FakeCPUAdam)
+    assert made == {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.01,
+                    "adamw_mode": True}  # fmt: skip
+    opt, _ = ds_setup.build_optimizer(model, train, resolve(train, on_cpu=True))
+    assert type(opt) is torch.optim.AdamW  # offload dropped on the CPU
