@@ -70,7 +70,7 @@ def test_eps_comes_from_train_adam_eps_or_the_json():
 @pytest.mark.parametrize(
     "optimizer, message",
     [
-        ({"type": "Lamb", "params": {}}, r"optimizer.type='Lamb': only AdamW"),
+        ({"type": "Lamb", "params": {}}, r'optimizer.type="Lamb": only AdamW'),
         ({"type": "AdamW", "params": {"amsgrad": True}}, r"optimizer.params.amsgrad is not"),
         ({"type": "adamw", "params": {"lr": 0.1}}, r"optimizer.params.lr=0.1 .*train.lr=0.001"),
     ],
@@ -111,7 +111,7 @@ def test_warmup_lr_maps_only_onto_a_flat_schedule(tmp_path):
     "scheduler, message",
     [
         ({"type": "WarmupDecayLR", "params": {}}, r"WarmupDecayLR decays linearly"),
-        ({"type": "OneCycle", "params": {}}, r"scheduler.type='OneCycle': only WarmupLR"),
+        ({"type": "OneCycle", "params": {}}, r'scheduler.type="OneCycle": only WarmupLR'),
         (
             {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 100}},
             r"scheduler.params.warmup_num_steps=100 conflicts .*train.warmup_steps=3",

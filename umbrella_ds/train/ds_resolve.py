@@ -109,14 +109,9 @@ class _Resolver:
             raise self.fail(f"{key} must be a JSON object, got {_show(node)}")
         return node
 
-    def match(self, node: dict[str, Any], key: str, dotted: str, value: Any, run_key: str, *,
-              absent_is_auto: bool = False) -> None:  # fmt: skip
-        """Fill "auto" (or absent, where allowed) with value; an explicit value must equal it."""
-        if key not in node:
-            if not absent_is_auto:
-                return
-            node[key] = AUTO
-        current = node[key]
+    def match(self, node: dict[str, Any], key: str, dotted: str, value: Any, run_key: str) -> None:
+        """Fill "auto" or an absent key with value; an explicit value must equal it."""
+        current = node.get(key, AUTO)
         if current == AUTO:
             node[key] = value
         elif not _same(current, value):
@@ -137,11 +132,10 @@ class _Resolver:
             ("train_batch_size", t.global_batch, "train.global_batch"),
             ("gradient_clipping", t.clip, "train.clip"),
         ):  # fmt: skip
-            self.match(ds, key, key, value, run_key, absent_is_auto=True)
+            self.match(ds, key, key, value, run_key)
         if "bfloat16" in ds and "bf16" not in ds:  # DeepSpeed's other spelling of the section
             ds["bf16"] = ds.pop("bfloat16")
-        self.match(self.section("bf16", {}), "enabled", "bf16.enabled", t.bf16, "train.bf16",
-                   absent_is_auto=True)  # fmt: skip
+        self.match(self.section("bf16", {}), "enabled", "bf16.enabled", t.bf16, "train.bf16")
         for section in ("fp16", "amp"):  # the run config has no fp16/amp: "auto" means off
             node = self.section(section)
             if node is not None:
@@ -165,7 +159,7 @@ class _Resolver:
         kind = opt.get("type")
         if not isinstance(kind, str) or kind.lower() != "adamw":
             raise self.fail(
-                f"optimizer.type={kind!r}: only AdamW is supported (the run config's train.lr, "
+                f"optimizer.type={_show(kind)}: only AdamW is supported (the run config's train.lr, "
                 "train.betas, train.adam_eps, train.weight_decay); remove the section or say AdamW"
             )
         params = opt.setdefault("params", {})
@@ -190,7 +184,7 @@ class _Resolver:
             ("eps", eps, "train.adam_eps"),
             ("weight_decay", t.weight_decay, "train.weight_decay"),
         ):
-            self.match(params, key, f"optimizer.params.{key}", value, run_key, absent_is_auto=True)
+            self.match(params, key, f"optimizer.params.{key}", value, run_key)
 
     # ------------------------------------------------------------ scheduler
 
@@ -206,7 +200,7 @@ class _Resolver:
         kind = block.get("type")
         if kind not in SCHEDULERS:
             raise self.fail(
-                f"scheduler.type={kind!r}: only {', '.join(SCHEDULERS)} map onto the run's "
+                f"scheduler.type={_show(kind)}: only {', '.join(SCHEDULERS)} map onto the run's "
                 "warmup + cosine schedule; remove the block to use train.warmup_steps/train.min_lr"
             )
         if kind == "WarmupDecayLR":
@@ -243,8 +237,7 @@ class _Resolver:
         }
         for key in SCHEDULER_PARAMS[kind]:
             value, run_key = values[key]
-            self.match(params, key, f"scheduler.params.{key}", value, run_key,
-                       absent_is_auto=True)  # fmt: skip
+            self.match(params, key, f"scheduler.params.{key}", value, run_key)
 
     # ------------------------------------------------------------ ZeRO, offload
 
@@ -254,7 +247,7 @@ class _Resolver:
             return
         stage = zero.get("stage", 0)
         if stage not in (0, 1, 2, 3):
-            raise self.fail(f"zero_optimization.stage={stage!r}: give the ZeRO stage (0-3)")
+            raise self.fail(f"zero_optimization.stage={_show(stage)}: give the ZeRO stage (0-3)")
         offloads = [
             k for k in ("offload_optimizer", "offload_param")
             if isinstance(zero.get(k), dict) and zero[k].get("device", "none") != "none"
