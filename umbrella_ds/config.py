@@ -119,6 +119,8 @@ class TrainConfig:
     decay_steps: int | None = None  # cosine length; None = max_steps (pin it to extend a run)
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # AdamW's eps. None: the DeepSpeed JSON's optimizer.params.eps, else 1e-8 (HF's adam_epsilon).
+    adam_eps: float | None = None
     clip: float = 1.0
     deepspeed: str = "zero2"  # zero1 | zero2 | zero3 | zero3_offload | path to a JSON file
     bf16: bool = True
@@ -229,7 +231,7 @@ NOT_FINGERPRINTED: tuple[str, ...] = (
 )
 # Keys added after checkpoints were first written: hashed only away from their default, so the
 # fingerprint of every older checkpoint's config is unchanged. Append each new trajectory key here.
-FINGERPRINTED_UNLESS_DEFAULT: tuple[str, ...] = ()
+FINGERPRINTED_UNLESS_DEFAULT: tuple[str, ...] = ("train.adam_eps",)
 
 _MISSING = object()
 
@@ -415,6 +417,8 @@ def validate(cfg: RunConfig) -> None:
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}")
     positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    if t.adam_eps is not None:
+        positive("train.adam_eps", t.adam_eps)
     if t.decay_steps is not None:
         positive("train.decay_steps", t.decay_steps)
     positive("train.weight_decay", t.weight_decay, allow_zero=True)

@@ -1,11 +1,12 @@
 """DeepSpeed settings in one place: ``ds_configs/*.json`` with ``"auto"`` filled from the run config.
 
-The JSON files own ZeRO and precision settings; the run config owns batch sizes, learning rate,
-clipping and bf16. ``resolve_ds_config`` is the only function that joins them, so no DeepSpeed
-constant is scattered through the code. The optimizer is the JSON's AdamW, built here as
-``torch.optim.AdamW`` over the trainable parameters only (frozen ones in an optimizer cost memory
-and break ZeRO-1/2 partitioning); the schedule is our own warmup + cosine ``LambdaLR``, so the
-learning rate written to metrics.jsonl is exactly the one the step used.
+The JSON files own ZeRO, offload and communication settings; the run config owns batch sizes,
+AdamW, clipping, bf16 and the schedule. ``resolve_ds_config`` is the only function that joins them
+(its rules, for HF-Trainer-style JSONs too, are in ``ds_resolve``), so no DeepSpeed constant is
+scattered through the code. The optimizer is AdamW, built here over the trainable parameters only
+(frozen ones in an optimizer cost memory and break ZeRO-1/2 partitioning): ``torch.optim.AdamW``,
+or DeepSpeed's CPU Adam where the JSON offloads the optimizer. The schedule is our own warmup +
+cosine ``LambdaLR``, so the learning rate written to metrics.jsonl is exactly the one the step used.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import copy
 import json
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from umbrella_ds.config import DS_STAGES, ConfigError, TrainConfig
+from umbrella_ds.train import ds_resolve
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
@@ -34,49 +37,65 @@ def ds_config_path(name_or_path: str) -> Path:
 def load_ds_json(name_or_path: str) -> dict[str, Any]:
     path = ds_config_path(name_or_path)
     try:
-        return json.loads(path.read_text())
+        ds = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"train.deepspeed: cannot read {path}: {e}") from e
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed: {path} holds a {type(ds).__name__}, not a JSON object")
+    return ds
 
 
 def resolve_ds_config(
-    train: TrainConfig, world_size: int, *, load_universal: bool = False
+    train: TrainConfig,
+    world_size: int,
+    *,
+    hidden_size: int | None = None,
+    on_cpu: bool | None = None,
+    load_universal: bool = False,
 ) -> dict[str, Any]:
-    """The JSON with every ``"auto"`` replaced from ``train``; explicit conflicting values are errors."""
-    ds = copy.deepcopy(load_ds_json(train.deepspeed))
-    gas = train.accumulation(world_size)
-    values = {
-        ("train_micro_batch_size_per_gpu",): train.micro_batch,
-        ("gradient_accumulation_steps",): gas,
-        ("train_batch_size",): train.global_batch,
-        ("gradient_clipping",): train.clip,
-        ("bf16", "enabled"): train.bf16,
-        ("optimizer", "params", "lr"): train.lr,
-        ("optimizer", "params", "betas"): list(train.betas),
-        ("optimizer", "params", "weight_decay"): train.weight_decay,
-    }
-    for keys, value in values.items():
-        node = ds
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        current = node.get(keys[-1], "auto")
-        if current == "auto":
-            node[keys[-1]] = value
-        elif current != value:
-            raise ConfigError(
-                f"{ds_config_path(train.deepspeed)}: {'.'.join(keys)}={current!r} conflicts with "
-                f'the run config ({value!r}); set it to "auto"'
-            )
-    opt_type = ds.get("optimizer", {}).get("type")
-    if opt_type != "AdamW":
-        raise ConfigError(f"{ds_config_path(train.deepspeed)}: optimizer.type must be AdamW")
-    if "scheduler" in ds:
-        raise ConfigError(
-            f"{ds_config_path(train.deepspeed)}: remove 'scheduler'; the schedule is train.warmup_steps/"
-            "train.lr/train.min_lr (warmup + cosine)"
-        )
+    """The JSON as this run uses it: every ``"auto"`` filled from ``train`` (and the model's
+    ``hidden_size``, see `model_hidden_size`), no optimizer section filled with the run config's
+    AdamW, a scheduler block mapped onto our schedule, offload dropped on the CPU (``on_cpu``,
+    default: `env.on_cpu`), gradients reduced in fp32; anything that conflicts is a ConfigError
+    naming both values. The rules: `ds_resolve`; docs/OPERATIONS.md, "DeepSpeed JSON"."""
+    if on_cpu is None:
+        from umbrella_ds.train.env import on_cpu as detect_cpu
+
+        on_cpu = detect_cpu()
+    ds = ds_resolve.resolve(
+        copy.deepcopy(load_ds_json(train.deepspeed)),
+        train,
+        world_size,
+        where=ds_config_path(train.deepspeed),
+        hidden_size=hidden_size,
+        on_cpu=on_cpu,
+    )
     ds.setdefault("checkpoint", {})["load_universal"] = load_universal
     return ds
+
+
+def model_hidden_size(source: str) -> int | None:
+    """The hidden size HF derives "auto" bucket sizes from, read from the model's config alone
+    (a preset's, or a local directory's config.json), before anything is built. None for a
+    source that is neither: the build refuses it with its own message."""
+    path = Path(source).expanduser()
+    if (path / "config.json").is_file():
+        from transformers import AutoConfig
+
+        return ds_resolve.hf_hidden_size(
+            AutoConfig.from_pretrained(str(path), local_files_only=True)
+        )
+    from umbrella_ds.model.presets import get_preset, list_presets
+
+    if source in list_presets():
+        return ds_resolve.hf_hidden_size(get_preset(source).make_config())
+    return None
+
+
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    """ZeRO keeps the optimizer state and step on the CPU (or NVMe): DeepSpeed's CPU Adam steps it."""
+    off = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return off.get("device", "none") in ("cpu", "nvme")
 
 
 def zero_stage(ds: dict[str, Any]) -> int:
@@ -106,14 +125,18 @@ def build_optimizer(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the model has no trainable parameters")
-    opt_params = dict(ds["optimizer"]["params"])
-    opt = torch.optim.AdamW(
-        params,
-        lr=opt_params["lr"],
-        betas=tuple(opt_params["betas"]),
-        eps=opt_params.get("eps", 1e-8),
-        weight_decay=opt_params["weight_decay"],
-    )
+    p = ds["optimizer"]["params"]
+    kwargs = dict(lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"], weight_decay=p["weight_decay"])
+    opt: torch.optim.Optimizer
+    if offloads_optimizer(ds):
+        # The step runs on the CPU, where DeepSpeed's vectorised CPU Adam is the fast one; with
+        # it, DeepSpeed's zero_force_ds_cpu_optimizer check (left at its default, true) passes,
+        # and it still refuses a slow torch optimizer paired with offload.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    else:
+        opt = torch.optim.AdamW(params, **kwargs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
     return opt, sched
 
@@ -145,15 +168,27 @@ def initialize(model: torch.nn.Module, train: TrainConfig, ds: dict[str, Any]):
     import deepspeed
 
     opt, sched = build_optimizer(model, train, ds)
-    ds_for_engine = {k: v for k, v in ds.items() if k != "optimizer"}
+    # Ours are built above (the scheduler block, if any, was mapped onto lr_lambda's schedule).
+    ds_for_engine = {k: v for k, v in ds.items() if k not in ("optimizer", "scheduler")}
     engine, _, _, sched = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds_for_engine
     )
+    _USED[engine] = copy.deepcopy(ds)
     # DeepSpeed checks gradients for NaN/Inf (and skips the step, agreed across ranks) only in
     # bf16/fp16 mode; the engine relies on that skip for bad steps in fp32 too.
     if hasattr(engine.optimizer, "check_grad_overflow"):
         engine.optimizer.check_grad_overflow = True
     return engine, sched
+
+
+# The resolved config of each engine `initialize` made, for the run's records (weakly held).
+_USED: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def used_config(engine: Any) -> dict[str, Any]:
+    """The DeepSpeed config ``engine`` runs with, as resolved (optimizer and scheduler included:
+    DeepSpeed got the objects built from them): what the start record and provenance.json keep."""
+    return copy.deepcopy(_USED[engine])
 
 
 def loss_normaliser(global_loss_tokens: int, world_size: int, accumulation: int) -> float:

@@ -120,7 +120,10 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
         ckpt.check_fingerprints(found, fingerprints, allow_mismatch, rank)
     universal = ckpt.prepare_universal(found, rank, world) if found else False
     dist.barrier()
-    ds_cfg = ds_setup.resolve_ds_config(cfg.train, world, load_universal=universal)
+    ds_cfg = ds_setup.resolve_ds_config(
+        cfg.train, world, hidden_size=ds_setup.model_hidden_size(cfg.model.source),
+        load_universal=universal,
+    )  # fmt: skip
     zero3 = ds_setup.zero_stage(ds_cfg) == 3
     if rank == 0:
         log.info(
@@ -210,7 +213,10 @@ def restore(state: Run) -> None:
         cfg.log, Path(cfg.output_dir), rank, cfg.train.max_steps, state.train_state.step,
         config=cfg.to_dict(),
     )  # fmt: skip
-    write_start(state.logger, state.denv, cfg, state.fingerprints, state.found, state.model)
+    write_start(
+        state.logger, state.denv, cfg, state.fingerprints, state.found, state.model,
+        ds_setup.used_config(state.engine),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- loop

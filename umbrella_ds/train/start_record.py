@@ -21,8 +21,16 @@ log = logging.getLogger("umbrella_ds.train")
 
 
 def write_start(
-    logger: RunLogger, denv: DistEnv, cfg: RunConfig, fingerprints, found, model
+    logger: RunLogger,
+    denv: DistEnv,
+    cfg: RunConfig,
+    fingerprints,
+    found,
+    model,
+    deepspeed: dict[str, Any],
 ) -> None:
+    """``deepspeed``: the resolved DeepSpeed config the run uses (`ds_setup.used_config`), kept in
+    both records, because users ask what their run ran with and the JSON file held "auto"."""
     hosts: list[Any] = [None] * denv.world_size
     dist.all_gather_object(
         hosts, {"rank": denv.rank, "host": denv.host, "slurm_node": denv.slurm_node}
@@ -35,7 +43,7 @@ def write_start(
         kind="train",
         config=cfg.to_dict(),
         inputs=dict(fingerprints),
-        extra={"launcher": denv.launcher, "resumed_from": resumed_from},
+        extra={"launcher": denv.launcher, "resumed_from": resumed_from, "deepspeed": deepspeed},
         ranks=[{"rank": h["rank"], "host": h["host"], "node": h["slurm_node"]} for h in hosts],
     )
     _, table = parameter_table(model)
@@ -51,6 +59,7 @@ def write_start(
             "ranks": hosts,
             "resumed_from": resumed_from,
             "fingerprints": fingerprints,
+            "deepspeed": deepspeed,
             "parameters": table,
             "image_tokens": image_tokens,
             "device": device_name,
