@@ -51,6 +51,7 @@ CASES = [
         "t3cross-zero3-llava15-ckpt", "t3_cross", "zero3", preset="tiny-llava15", checkpointing=True
     ),
     Case("mixed-zero3-siglip-floor", "mixed", "zero3", patches="floor"),
+    Case("t3sentences-zero3-siglip", "t3_sentences", "zero3"),
 ]
 
 # instruction files under the fixture's instructions/ folder (written by conftest.py)
@@ -59,8 +60,14 @@ TRAIN_FILES = {
     "rsfmri": ["rsfmri_sex_train.jsonl"],
     "mixed": ["t1_sex_train.jsonl", "rsfmri_sex_train.jsonl"],
     "t3_cross": ["t3_cross_train.jsonl", "t1_sex_train.jsonl"],
+    "t3_sentences": ["t3_sentences_train.jsonl", "t1_sex_train.jsonl"],
 }
 EVAL_FILES = ["t1_sex_eval_odd.jsonl", "rsfmri_sex_eval_odd.jsonl"]
+# Data whose evaluation is another: T3 comparisons answered in sentences with the truth in
+# metadata.subject_label (scored by the likelihood choice), 5 of them, so on 2 ranks at
+# micro-batch 2 one rank runs 2 batches and the other 1 + a dummy, each with one forward per
+# class; one T1 task (the other rank: a dummy batch). 6 records, as every case has.
+EVAL_FILES_BY_DATA = {"t3_sentences": ["t1_sex_eval_one.jsonl", "t3_sentences_eval.jsonl"]}
 # Adam's eps in the harness's DeepSpeed configs (ds_configs/ has 1e-8). Adam's first steps map
 # each gradient element g to about lr * g / (|g| + eps): with eps 1e-8 an element whose gradient
 # cancels to ~1e-8 turns fp32 reduction-order noise (~1e-10 there) into differences of ~5e-6 in
@@ -94,7 +101,9 @@ def overrides(case: Case, data: Path, out: Path) -> list[str]:
         "output_dir": str(out),
         "data.shards": str(data / "shards"),
         "data.train": "[" + ", ".join(str(inst / f) for f in TRAIN_FILES[case.data]) + "]",
-        "data.eval": "[" + ", ".join(str(inst / f) for f in EVAL_FILES) + "]",
+        "data.eval": "["
+        + ", ".join(str(inst / f) for f in EVAL_FILES_BY_DATA.get(case.data, EVAL_FILES))
+        + "]",
         "data.windows": "random",
         "model.preset": case.preset,
         "model.modalities": str(modalities).replace("'", '"'),

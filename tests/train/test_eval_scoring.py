@@ -158,7 +158,9 @@ def test_likelihood_choice_equals_a_hand_computation(group, tiny):
             worst = max(worst, abs(rec["scores"][c] - hand) / abs(hand))
         best = max(rec["scores"], key=rec["scores"].get)
         assert rec["choice"] == best
-        z = torch.softmax(torch.tensor([rec["scores"]["female"], rec["scores"]["male"]], dtype=torch.float64), 0)
+        z = torch.softmax(
+            torch.tensor([rec["scores"]["female"], rec["scores"]["male"]], dtype=torch.float64), 0
+        )
         assert rec["class_probs"]["female"] == pytest.approx(float(z[0]), rel=1e-9)
     # fp32 forwards, padded and batched vs alone: measured worst 3.4e-9 relative; 1e-5 is a
     # margin of ~3000x that still catches a wrong token or position (differences of ~1e-1).
@@ -187,7 +189,9 @@ def test_one_forward_gives_the_loss_and_answers_of_the_two_it_replaced(group, ti
         model, eb["prompt_ids"], eb["attention_mask"], eb["images"], eb["image_positions"], 6,
         inputs.eos_id, all_modalities=("T1",),
     )  # fmt: skip
-    answers = {f"t3_{i}": tokenizer.decode(x, skip_special_tokens=True).strip() for i, x in enumerate(ids)}
+    answers = {
+        f"t3_{i}": tokenizer.decode(x, skip_special_tokens=True).strip() for i, x in enumerate(ids)
+    }
     assert {p["task_id"]: p["answer"] for p in preds} == answers
 
 
@@ -205,7 +209,9 @@ def test_generation_length_is_derived_from_the_references_and_warned(group, tiny
     with caplog.at_level(logging.WARNING, logger="umbrella_ds.train.evaluate"):
         evals, preds = run_eval(model, tokenizer, inputs, max_new_tokens=3)
         run_eval(model, tokenizer, inputs, max_new_tokens=3)
-    warned = [r.getMessage() for r in caplog.records if "longer than the generation" in r.getMessage()]
+    warned = [
+        r.getMessage() for r in caplog.records if "longer than the generation" in r.getMessage()
+    ]
     assert len(warned) == 1, warned  # once per task
     assert f"longest {longest} tokens, generating 3" in warned[0]
     assert any(p["cut"] for p in preds)  # 3 tokens cannot finish these sentences
