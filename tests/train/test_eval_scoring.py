@@ -237,3 +237,20 @@ def test_loader_workers_give_the_same_records(group, tiny):
     _, a = run_eval(model, tokenizer, make_inputs(model, tokenizer, records, num_workers=0))
     _, b = run_eval(model, tokenizer, make_inputs(model, tokenizer, records, num_workers=2))
     assert a == b
+
+
+def test_eval_config_keys_and_their_defaults(tmp_path):
+    """max_new_tokens: "derived" by default, a number where a config sets one; label_field per
+    task; neither moves the config fingerprint (the eval section is not fingerprinted)."""
+    from umbrella_ds.config import ConfigError, RunConfig, load_config
+
+    base = RunConfig().fingerprint()
+    cfg = load_config(None, ["eval.max_new_tokens=4", "eval.label_field={sex_comparison: sex}"])
+    assert cfg.eval.max_new_tokens == 4 and cfg.eval.max_new_tokens_or(50) == 4
+    assert cfg.eval.label_field == {"sex_comparison": "sex"}
+    assert cfg.fingerprint() == base
+    default = load_config(None, [])
+    assert default.eval.max_new_tokens == "derived" and default.eval.max_new_tokens_or(50) == 50
+    for bad in ("eval.max_new_tokens=0", "eval.max_new_tokens=long", "eval.label_field={a: ''}"):
+        with pytest.raises(ConfigError, match=r"eval\."):
+            load_config(None, [bad])

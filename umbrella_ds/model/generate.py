@@ -101,10 +101,10 @@ def continuation_logprobs(
     positions = pre.last_pos + torch.arange(1, t + 1, device=device)[None, :]
     embed = model.get_input_embeddings()
     out = _lm(model, embed(cand_ids), mask, positions, pre.cache)
-    if t > 1:
-        logits = lm_head(model)(out.last_hidden_state[:, :-1]).double()
-        lp = torch.log_softmax(logits, dim=-1).gather(2, cand_ids[:, 1:, None]).squeeze(2)
-        total = total + (lp * cand_mask[:, 1:]).sum(dim=1)
+    # Called even when T == 1 (an empty slice): every rank calls lm_head alike (ZeRO-3).
+    logits = lm_head(model)(out.last_hidden_state[:, :-1]).double()
+    lp = torch.log_softmax(logits, dim=-1).gather(2, cand_ids[:, 1:, None]).squeeze(2)
+    total = total + (lp * cand_mask[:, 1:]).sum(dim=1)
     _crop(pre.cache, pre.mask.shape[1])
     return total
 
