@@ -68,6 +68,9 @@ EVAL_FILES = ["t1_sex_eval_odd.jsonl", "rsfmri_sex_eval_odd.jsonl"]
 # micro-batch 2 one rank runs 2 batches and the other 1 + a dummy, each with one forward per
 # class; one T1 task (the other rank: a dummy batch). 6 records, as every case has.
 EVAL_FILES_BY_DATA = {"t3_sentences": ["t1_sex_eval_one.jsonl", "t3_sentences_eval.jsonl"]}
+# Settings a kind of data needs over the shared ones (two T1 images and a sentence answer need
+# more than demo.yaml's 256 tokens).
+DATA_SETS = {"t3_sentences": {"data.max_length": "512"}}
 # Adam's eps in the harness's DeepSpeed configs (ds_configs/ has 1e-8). Adam's first steps map
 # each gradient element g to about lr * g / (|g| + eps): with eps 1e-8 an element whose gradient
 # cancels to ~1e-8 turns fp32 reduction-order noise (~1e-10 there) into differences of ~5e-6 in
@@ -125,4 +128,5 @@ def overrides(case: Case, data: Path, out: Path) -> list[str]:
         "log.progress": "false",
         "log.tensorboard": "false",
     }
+    sets.update(DATA_SETS.get(case.data, {}))
     return [f"{k}={v}" for k, v in sets.items()]

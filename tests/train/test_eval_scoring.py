@@ -254,3 +254,25 @@ def test_eval_config_keys_and_their_defaults(tmp_path):
     for bad in ("eval.max_new_tokens=0", "eval.max_new_tokens=long", "eval.label_field={a: ''}"):
         with pytest.raises(ConfigError, match=r"eval\."):
             load_config(None, [bad])
+
+
+def test_evaluation_runs_eager_when_blocks_are_compiled(group):
+    """Compiled blocks would recompile for every KV-cache length of decoding: evaluation runs
+    them eager (dynamo sees no frame), and gives the records of the uncompiled model."""
+    from torch._dynamo.utils import counters
+
+    from umbrella_ds.model import transformer_blocks
+
+    model, tokenizer = build_model(
+        "tiny", modalities={"T1": {"size": SIZE, "patch": [4, 4, 4]}}, seed=0
+    )
+    model.eval()
+    inputs = make_inputs(model, tokenizer, sentence_tasks(3))
+    _, eager = run_eval(model, tokenizer, inputs, max_new_tokens=4)
+    for block in transformer_blocks(model):
+        block.compile(backend="eager")  # dynamo without inductor: cheap, counts frames alike
+    torch._dynamo.reset()
+    counters.clear()
+    _, compiled = run_eval(model, tokenizer, inputs, max_new_tokens=4)
+    assert counters["frames"]["total"] == 0
+    assert compiled == eager
