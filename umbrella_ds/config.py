@@ -160,9 +160,20 @@ class CheckpointConfig:
 class EvalConfig:
     every_steps: int = 0  # 0: only at the end
     at_end: bool = True
-    max_new_tokens: int = 8
+    # "derived": per task, the longest tokenized reference answer (capped, train/evaluate.py)
+    max_new_tokens: int | Literal["derived"] = "derived"
     max_samples: int | None = None
     micro_batch: int | None = None  # None: train.micro_batch
+    # task -> metadata field holding the record's label; a task not named uses subject_label
+    label_field: dict[str, str] = field(default_factory=dict)
+
+    def max_new_tokens_or(self, derived: int) -> int:
+        """The configured generation length, or ``derived`` where it is "derived"."""
+        return derived if self.max_new_tokens == "derived" else int(self.max_new_tokens)
+
+
+# The most tokens a "derived" generation length asks for (a longer reference is warned about).
+DERIVED_MAX_NEW_TOKENS_CAP = 64
 
 
 @dataclass
@@ -468,7 +479,11 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError("checkpoint.keep_best needs an evaluation set (data.eval is empty)")
     e = cfg.eval
     positive("eval.every_steps", e.every_steps, allow_zero=True)
-    positive("eval.max_new_tokens", e.max_new_tokens)
+    if e.max_new_tokens != "derived":
+        positive("eval.max_new_tokens", e.max_new_tokens)
+    for task, name in e.label_field.items():
+        if not name.strip():
+            raise ConfigError(f"eval.label_field.{task}: empty field name")
     if e.max_samples is not None:
         positive("eval.max_samples", e.max_samples)
     if e.micro_batch is not None:

@@ -172,7 +172,7 @@ def infer(
     """Answer ``prompt`` about ``scans`` with the exported model; returns the answer record."""
     import torch
 
-    from umbrella_ds.config import config_from_dict
+    from umbrella_ds.config import DERIVED_MAX_NEW_TOKENS_CAP, config_from_dict
     from umbrella_ds.data import InstructionDataset, Renderer, collate_eval
     from umbrella_ds.data.template import template_of
     from umbrella_ds.model import greedy_generate, image_token_id
@@ -219,7 +219,7 @@ def infer(
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     eos_id = template.eos_id(tokenizer)
-    n_new = max_new_tokens or cfg.eval.max_new_tokens
+    n_new = max_new_tokens or cfg.eval.max_new_tokens_or(DERIVED_MAX_NEW_TOKENS_CAP)
     answers = []
     with torch.no_grad():
         for i in range(len(ds)):

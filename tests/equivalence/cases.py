@@ -54,6 +54,7 @@ CASES = [
     Case("mixed-zero3-siglip-floor", "mixed", "zero3", patches="floor"),
     # loader workers writing into reused batch slots, 2-4 micro-batches per step fetched up front
     Case("mixed-zero2-siglip-workers2", "mixed", "zero2", num_workers=2),
+    Case("t3sentences-zero3-siglip", "t3_sentences", "zero3"),
 ]
 # A case whose batches must equal another's bit for bit (it differs only in how they are read).
 SAME_BATCHES = {"mixed-zero2-siglip-workers2": "mixed-zero2-siglip"}
@@ -64,8 +65,17 @@ TRAIN_FILES = {
     "rsfmri": ["rsfmri_sex_train.jsonl"],
     "mixed": ["t1_sex_train.jsonl", "rsfmri_sex_train.jsonl"],
     "t3_cross": ["t3_cross_train.jsonl", "t1_sex_train.jsonl"],
+    "t3_sentences": ["t3_sentences_train.jsonl", "t1_sex_train.jsonl"],
 }
 EVAL_FILES = ["t1_sex_eval_odd.jsonl", "rsfmri_sex_eval_odd.jsonl"]
+# Data whose evaluation is another: T3 comparisons answered in sentences with the truth in
+# metadata.subject_label (scored by the likelihood choice), 5 of them, so on 2 ranks at
+# micro-batch 2 one rank runs 2 batches and the other 1 + a dummy, each with one forward per
+# class; one T1 task (the other rank: a dummy batch). 6 records, as every case has.
+EVAL_FILES_BY_DATA = {"t3_sentences": ["t1_sex_eval_one.jsonl", "t3_sentences_eval.jsonl"]}
+# Settings a kind of data needs over the shared ones (two T1 images and a sentence answer need
+# more than demo.yaml's 256 tokens).
+DATA_SETS = {"t3_sentences": {"data.max_length": "512"}}
 # Adam's eps in the harness's DeepSpeed configs (ds_configs/ has 1e-8). Adam's first steps map
 # each gradient element g to about lr * g / (|g| + eps): with eps 1e-8 an element whose gradient
 # cancels to ~1e-8 turns fp32 reduction-order noise (~1e-10 there) into differences of ~5e-6 in
@@ -99,7 +109,9 @@ def overrides(case: Case, data: Path, out: Path) -> list[str]:
         "output_dir": str(out),
         "data.shards": str(data / "shards"),
         "data.train": "[" + ", ".join(str(inst / f) for f in TRAIN_FILES[case.data]) + "]",
-        "data.eval": "[" + ", ".join(str(inst / f) for f in EVAL_FILES) + "]",
+        "data.eval": "["
+        + ", ".join(str(inst / f) for f in EVAL_FILES_BY_DATA.get(case.data, EVAL_FILES))
+        + "]",
         "data.windows": "random",
         "model.preset": case.preset,
         "model.modalities": str(modalities).replace("'", '"'),
@@ -123,4 +135,6 @@ def overrides(case: Case, data: Path, out: Path) -> list[str]:
     }
     if case.num_workers:
         sets["data.num_workers"] = str(case.num_workers)
+
+    sets.update(DATA_SETS.get(case.data, {}))
     return [f"{k}={v}" for k, v in sets.items()]

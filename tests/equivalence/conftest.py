@@ -44,6 +44,45 @@ def _cross_modal_t3(src: Path, dst: Path) -> None:
     dst.write_text("\n".join(out) + "\n")
 
 
+# The predecessor's sentence answers (its UMBRELLA/sample_data styles): {y} the subject's label,
+# {r} the reference's; "same" and "different" comparisons answer differently.
+SENTENCES = {
+    True: [
+        "This scan likely belongs to a {y} subject. Key features align with the reference {r} "
+        "scan in terms of overall brain volume.",
+        "Classification: {Y}. The structural features show consistency with {y} neuroanatomy.",
+    ],
+    False: [
+        "This scan likely belongs to a {y} subject. Unlike the reference {r} scan, this shows "
+        "structural characteristics typical of {y} neuroanatomy.",
+        "Based on comparison with the {r} reference scan, this appears to be a {y} subject.",
+    ],
+}
+
+
+def _sentence_t3(src: Path, dst: Path, extra: int = 0) -> None:
+    """The synthetic T3 comparisons answered in sentences (truth in metadata.subject_label);
+    ``extra`` more records pair a query with another record's reference."""
+    tasks = [json.loads(line) for line in src.read_text().splitlines()]
+    for k in range(extra):
+        t = json.loads(json.dumps(tasks[k]))
+        query, ref = t["subject_ids"][1], t["subject_ids"][0]
+        donor = next(d for d in tasks if d["subject_ids"][0] not in (query, ref))
+        t["task_id"] += f"_extra{k}"
+        t["subject_ids"][0] = donor["subject_ids"][0]
+        t["images"][0] = donor["images"][0]
+        t["conversations"][0] = donor["conversations"][0]
+        t["metadata"]["reference_id"] = donor["metadata"]["reference_id"]
+        t["metadata"]["reference_label"] = donor["metadata"]["reference_label"]
+        tasks.append(t)
+    for i, t in enumerate(tasks):
+        y, r = t["metadata"]["subject_label"], t["metadata"]["reference_label"]
+        style = SENTENCES[y == r][i % 2]
+        answer = style.format(y=y, r=r, Y=y.capitalize())
+        t["conversations"][-1]["content"] = [{"type": "text", "text": answer}]
+    dst.write_text("".join(json.dumps(t) + "\n" for t in tasks))
+
+
 @pytest.fixture(scope="session")
 def equivalence_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("equivalence-data")
@@ -67,6 +106,9 @@ def equivalence_data(tmp_path_factory) -> Path:
     _cross_modal_t3(raw / "instructions" / "t3_sex_train.jsonl", inst / "t3_cross_train.jsonl")
     for name in EVAL_FILES:
         _odd_subset(raw / "instructions" / name.replace("_odd", ""), inst / name)
+    _odd_subset(raw / "instructions" / "t1_sex_eval.jsonl", inst / "t1_sex_eval_one.jsonl", 1)
+    _sentence_t3(raw / "instructions" / "t3_sex_train.jsonl", inst / "t3_sentences_train.jsonl")
+    _sentence_t3(raw / "instructions" / "t3_sex_eval.jsonl", inst / "t3_sentences_eval.jsonl", 1)
     for zero in ("zero1", "zero2", "zero3"):
         ds = json.loads((REPO / "ds_configs" / f"{zero}.json").read_text())
         ds["optimizer"]["params"]["eps"] = HARNESS_ADAM_EPS

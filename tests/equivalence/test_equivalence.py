@@ -140,3 +140,36 @@ def test_loader_workers_change_nothing(name: str, reference_runs: Path) -> None:
     ]
     w_ref, w_run = _final_weights(ref), _final_weights(run)
     assert sorted(w_ref) == sorted(w_run) and all(torch.equal(w_ref[k], w_run[k]) for k in w_ref)
+
+
+SENTENCES_CASE = "t3sentences-zero3-siglip"
+
+
+def _predictions(out: Path) -> dict[str, dict]:
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    return {r["task_id"]: r for r in map(json.loads, lines)}
+
+
+def test_sentence_answers_are_scored_alike_on_zero3_ranks_holding_different_counts(
+    reference_runs: Path, two_rank_runs: Path
+) -> None:
+    """The likelihood choice under ZeRO-3 (one forward per class, dummy batches where a rank is
+    short): every record's class scores on 2 ranks equal the 1-rank run's, labels come from
+    metadata.subject_label and the sentence task's primary accuracy is the choice's."""
+    ref, run = (
+        _predictions(reference_runs / SENTENCES_CASE),
+        _predictions(two_rank_runs / SENTENCES_CASE),
+    )
+    assert sorted(ref) == sorted(run) and len(ref) == 6
+    t3 = [k for k, r in ref.items() if r["task"] == "sex_comparison"]
+    assert len(t3) == 5
+    for k in t3:
+        a, b = run[k], ref[k]
+        assert a["method"] == b["method"] == "likelihood"
+        assert a["label_source"] == "metadata.subject_label" and a["label"] == a["meta_label"]
+        assert a["choice"] == b["choice"]
+        for c in ("female", "male"):
+            assert _rel(a["scores"][c], b["scores"][c]) < LOSS_RTOL, (a, b)
+    ev = {r["task"]: r for r in _records(two_rank_runs / SENTENCES_CASE, "eval")}
+    assert ev["sex_comparison"]["primary"] == "likelihood"
+    assert "generation_accuracy" in ev["sex_comparison"]

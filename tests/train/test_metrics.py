@@ -84,3 +84,133 @@ def test_score_groups_tasks_and_annotates_records():
     assert out["sex"]["unparseable"] == 1
     assert out["bmi"]["kind"] == "regression" and out["bmi"]["mae"] == pytest.approx(0.25)
     assert recs[1]["parsed"] is None and recs[1]["label"] == "male"
+
+
+# ---------------------------------------------------------------- labels (issue 24)
+# Answer forms of the predecessor's sample files (Transconnectome/BrainVLM UMBRELLA/sample_data
+# and UMBRELLA_gemini/sample_data), written here in their style, with the class they name.
+PREDECESSOR_FORMS = [
+    ("female.", "female"),
+    ("male.", "male"),
+    ("", None),  # evaluation files: the answer left empty, the truth in metadata.subject_label
+    (
+        "This scan likely belongs to a female subject. Unlike the reference male scan, this "
+        "shows structural characteristics typical of female neuroanatomy.",
+        "female",
+    ),
+    (
+        "This scan likely belongs to a male subject. Key features align with the reference male "
+        "scan in terms of overall brain volume and regional proportions.",
+        "male",
+    ),
+    ("Classification: Male. Compared to the female reference, this scan shows ...", "male"),
+    ("Classification: Female. The structural features show consistency with ...", "female"),
+    (
+        "Based on comparison with the reference scan, this appears to be a male subject. "
+        "Structural similarities include comparable gray matter volumes.",
+        "male",
+    ),
+]
+# Names the reference first: a first-match parse reads the reference's class (why sentence
+# tasks are scored by the likelihood choice).
+REFERENCE_FIRST = (
+    "Based on comparison with the male reference scan, this appears to be a female subject.",
+    "female",
+)
+
+
+@pytest.mark.parametrize(("answer", "label"), PREDECESSOR_FORMS)
+def test_parser_on_every_predecessor_answer_form(answer, label):
+    assert parse_class(answer, SEX) == label
+
+
+def test_a_first_match_parse_misreads_an_answer_naming_the_reference_first():
+    answer, truth = REFERENCE_FIRST
+    assert parse_class(answer, SEX) == "male" != truth
+
+
+def _labels(targets, metas, field=""):
+    from umbrella_ds.train.metrics import task_labels
+
+    return task_labels(targets, metas, field)
+
+
+def test_labels_from_metadata_make_the_classes_of_sentence_answers():
+    forms = [a for a, y in PREDECESSOR_FORMS if y] + [REFERENCE_FIRST[0]]
+    truth = [y for _, y in PREDECESSOR_FORMS if y] + [REFERENCE_FIRST[1]]
+    tl = _labels(forms, truth)
+    assert tl.kind == "classification" and tl.classes == ["female", "male"]
+    assert tl.labels == truth and tl.source == "metadata.subject_label"
+    assert tl.sentences and tl.note is None
+
+
+def test_short_answers_with_labels_are_not_sentences():
+    tl = _labels(["female.", "Male", "male."], ["female", "male", "Male"])
+    assert tl.source == "metadata.subject_label" and not tl.sentences
+    assert tl.labels == ["female", "male", "male"]
+
+
+def test_regression_is_decided_from_the_references_first():
+    tl = _labels(["0.3", "-1.2"], [0.3, -1.2])  # the synthetic bmi task's float subject_label
+    assert tl.kind == "regression" and tl.labels == [0.3, -1.2] and tl.source == "reference"
+
+
+@pytest.mark.parametrize(
+    ("targets", "metas"),
+    [
+        (["1", "2", "a"], ["male", "female", "male"]),  # codes: the label is not in the answer
+        (["yes.", "no."], ["female", "male"]),  # the project's own T3 data: same-sex yes/no
+    ],
+)
+def test_labels_absent_from_the_answers_keep_todays_rule_with_a_note(targets, metas):
+    tl = _labels(targets, metas)
+    assert tl.source == "reference" and not tl.warn
+    assert "is not a word of the reference answer" in tl.note
+    assert tl.classes == class_vocabulary(targets)
+
+
+def test_labels_on_some_records_keep_todays_rule_with_a_warning_naming_the_count():
+    tl = _labels(["female.", "male.", "male."], ["female", None, ""])
+    assert tl.source == "reference" and tl.warn
+    assert tl.note.startswith("1 of 3 records carry metadata.subject_label")
+
+
+def test_a_configured_label_field_is_named_in_the_source():
+    tl = _labels(["female.", "male."], ["female", "male"], "sex")
+    assert tl.source == "metadata.sex"
+
+
+def test_empty_references_take_their_labels():
+    tl = _labels(["", ""], ["female", "male"])
+    assert tl.source == "metadata.subject_label" and not tl.sentences
+
+
+def test_candidate_replaces_every_occurrence_of_the_label_in_its_case():
+    from umbrella_ds.train.metrics import candidate
+
+    ref = "Classification: Male. Unlike the female reference, typical of male anatomy."
+    assert candidate(ref, "male", "female") == (
+        "Classification: Female. Unlike the female reference, typical of female anatomy."
+    )
+    assert candidate("MALE.", "male", "female") == "FEMALE."
+
+
+def test_score_aggregates_comparison_records_per_subject_by_their_label():
+    """Two comparisons of one subject with different sentences agree on the subject's label."""
+    recs = [
+        {"task": "cmp", "answer": "x", "target": PREDECESSOR_FORMS[3][0], "meta_label": "female",
+         "label_field": "subject_label", "subject": "S1", "choice": "female",
+         "class_probs": {"female": 0.9, "male": 0.1}},
+        {"task": "cmp", "answer": "female", "target": REFERENCE_FIRST[0], "meta_label": "female",
+         "label_field": "subject_label", "subject": "S1", "choice": "male",
+         "class_probs": {"female": 0.4, "male": 0.6}},
+        {"task": "cmp", "answer": "female", "target": PREDECESSOR_FORMS[4][0], "meta_label": "male",
+         "label_field": "subject_label", "subject": "S2", "choice": "male",
+         "class_probs": {"female": 0.2, "male": 0.8}},
+    ]  # fmt: skip
+    m = score(recs, n_boot=10)["cmp"]
+    assert m["primary"] == "likelihood" and m["accuracy"] == pytest.approx(2 / 3)
+    assert m["generation_accuracy"] == pytest.approx(1 / 3)  # "x" is unparseable, S2 wrong
+    assert "error" not in m["per_subject"] and m["per_subject"]["subjects"] == 2
+    assert [r["label_source"] for r in recs] == ["metadata.subject_label"] * 3
+    assert [r["parsed"] for r in recs] == [None, "female", "female"]

@@ -424,7 +424,6 @@ def greedy_generate(
             "greedy_generate expects left-padded prompts (last column all real tokens)"
         )
     lm, head = language_model(model), lm_head(model)
-    embed = model.get_input_embeddings()
     embeds = embed_inputs(model, input_ids, images, image_positions, all_modalities)
     mask = attention_mask.to(embeds.device).long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -436,31 +435,12 @@ def greedy_generate(
         cache=cache,
         use_cache=True,
     )
-    logits = head(out.last_hidden_state[:, -1]).float()
-    first_logits = logits
-    b = input_ids.shape[0]
-    done = torch.zeros(b, dtype=torch.bool, device=embeds.device)
-    generated: list[torch.Tensor] = []
-    next_pos = positions[:, -1:]
-    for step in range(max_new_tokens):
-        token = logits.argmax(dim=-1)
-        token = torch.where(done, torch.full_like(token, eos_token_id), token)
-        generated.append(token)
-        done = done | (token == eos_token_id)
-        if step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-        next_pos = next_pos + 1
-        out = lm(
-            inputs_embeds=embed(token[:, None]),
-            attention_mask=mask,
-            position_ids=next_pos,
-            cache=out.cache,
-            use_cache=True,
-        )
-        logits = head(out.last_hidden_state[:, -1]).float()
-    tokens = torch.stack(generated, dim=1).tolist()
-    result = [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in tokens]
+    first_logits = head(out.last_hidden_state[:, -1]).float()
+    from umbrella_ds.model.generate import decode_greedy  # the one decode loop (late: a cycle)
+
+    result, _ = decode_greedy(
+        model, out.cache, mask, positions[:, -1:], first_logits, max_new_tokens, eos_token_id
+    )
     if return_first_step_logits:
         return result, first_logits
     return result

@@ -5,7 +5,8 @@
 
 The numbers are the in-training evaluation's: the same dataset construction (the run config's
 data section, with --data and --instructions swapped in), the same sharding over ranks, the same
-greedy decoding, answer parsing and statistics (``evaluate.evaluate_set``). The model is rebuilt
+greedy decoding, labels, likelihood choice, answer parsing and statistics
+(``evaluate.evaluate_set``). The model is rebuilt
 without DeepSpeed: the frozen base from the run config and the trained patch embedding from the
 checkpoint's fp32 master weights, cast to bf16 when the run trained in bf16 (what DeepSpeed's
 module held), so a checkpoint evaluated here gives the record its run logged at that step.
@@ -61,7 +62,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="output directory (default: RUN_DIR/eval-STEP for a checkpoint, EXPORT_DIR/eval for "
         "an export)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval value")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="default: the run's eval.max_new_tokens ('derived': per task, from its references)",
+    )
     p.add_argument("--micro-batch", type=int, default=None, help="default: the run's eval value")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate the first N only")
     p.add_argument(

@@ -47,6 +47,7 @@ class Inputs:
     pad_id: int
     eos_id: int  # the template's stop id: greedy generation ends on it
     template: ChatTemplate  # the base model's conversation template (evaluation scores with it)
+    num_workers: int = 0  # data.num_workers: evaluation's loader uses them too
 
 
 def build_inputs(
@@ -126,6 +127,7 @@ def build_inputs(
         pad_id=int(pad_id),
         eos_id=int(eos_id),
         template=template,
+        num_workers=data.num_workers,
     )
 
 

@@ -12,9 +12,12 @@ Definitions (each function's docstring repeats its own):
 - MAE and Pearson r over the answers that parsed as numbers (an unparseable answer has no number
   to score; it is counted separately). Pearson r is None for fewer than two pairs or zero variance.
 - Per subject: several records of one subject (rsfMRI windows, several T3 references for one query)
-  are first aggregated: classification by majority vote of the parsed answers (ties broken by the
-  higher mean probability, then alphabetically; no parsed answer -> unparseable) with class
-  probabilities averaged; regression by the mean of the parsed numbers.
+  are first aggregated: classification by majority vote of the answers scored (parsed answers, or
+  the likelihood choices where those are primary; ties broken by the higher mean probability, then
+  alphabetically; no answer -> unparseable) with class probabilities averaged; regression by the
+  mean of the parsed numbers. The subject's label is its records' label, which metrics.score takes
+  from metadata where the task has labels there, so comparison records of one subject whose
+  reference sentences differ still agree; records that disagree about it are not aggregated.
 - 95% bootstrap interval over subjects: subjects are resampled with replacement (a fixed seed, so
   the interval is reproducible) and every record of a drawn subject comes along (a cluster
   bootstrap; with one record per subject it is the ordinary bootstrap). Percentile interval; a
