@@ -428,7 +428,10 @@ def validate(cfg: RunConfig) -> None:
             f"train.deepspeed: expected one of {list(DS_STAGES)} or a .json path, got {t.deepspeed!r}"
         )
     if not cfg.model.path and not cfg.model.preset:
-        raise ConfigError("model: set model.preset or model.path")
+        raise ConfigError(
+            "model.path: unset; set it to a local copy of the pretrained base (or model.preset "
+            "to a preset name)"
+        )
     if not cfg.model.modalities:
         raise ConfigError("model.modalities: at least one modality is needed")
     for name, spec in cfg.model.modalities.items():
