@@ -92,6 +92,9 @@ class ModelConfig:
         default_factory=lambda: {modality.T1.name: ModalityConfig([32, 32, 32], [8, 8, 8])}
     )
     checkpointing: TowerCheckpointing = field(default_factory=TowerCheckpointing)
+    # A patch embedding trained by UMBRELLA/BrainVLM (HF checkpoint folder or state dict) to start
+    # from instead of a random one (umbrella_ds/model/patch_embed_init.py).
+    patch_embed_init: str | None = None
 
     @property
     def source(self) -> str:
@@ -225,7 +228,7 @@ NOT_FINGERPRINTED: tuple[str, ...] = (
 )
 # Keys added after checkpoints were first written: hashed only away from their default, so the
 # fingerprint of every older checkpoint's config is unchanged. Append each new trajectory key here.
-FINGERPRINTED_UNLESS_DEFAULT: tuple[str, ...] = ()
+FINGERPRINTED_UNLESS_DEFAULT: tuple[str, ...] = ("model.patch_embed_init",)
 
 _MISSING = object()
 
@@ -393,6 +396,8 @@ def _absolutise(cfg: RunConfig) -> None:
     cfg.data.eval = [absolute(p) for p in cfg.data.eval]
     if cfg.model.path:
         cfg.model.path = absolute(cfg.model.path)
+    if cfg.model.patch_embed_init:
+        cfg.model.patch_embed_init = absolute(cfg.model.patch_embed_init)
 
 
 def validate(cfg: RunConfig) -> None:
