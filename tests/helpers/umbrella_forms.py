@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-CLUSTER_ROOT = "/pscratch/sd/h/someone/data/1.ABCD"
+CLUSTER_ROOT = "/pscratch/sd/u/user/data/1.ABCD"
 CLUSTER_T1 = f"{CLUSTER_ROOT}/2.sMRI_freesurfer_256"
 CLUSTER_FMRI = f"{CLUSTER_ROOT}/3.rsfMRI_SwiFT/img"
 FAKE_WANDB_KEY = "not-a-real-key-0000000000000000000000000"
@@ -220,6 +220,23 @@ HF_DS_JSON: dict[str, Any] = {
         "contiguous_gradients": True,
     },
 }
+
+
+def save_tiny_base(out: str | Path, seed: int = 123) -> Path:
+    """A local "pretrained" base for ``--model-path``: the ``tiny`` architecture, random weights,
+    saved unpatched by transformers (hub key layout) with its tokenizer."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from umbrella_ds.model import TINY_TOKENIZER_DIR, get_preset
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(get_preset("tiny").make_config()).save_pretrained(str(out))
+    for f in TINY_TOKENIZER_DIR.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    return out
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:

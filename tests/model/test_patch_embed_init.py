@@ -217,6 +217,51 @@ def test_run_build_loads_it_warns_and_fingerprints_only_when_set(tmp_path, caplo
     assert cfg.fingerprint() != unset.fingerprint()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_umbrella_eval_scores_a_run_config_that_sets_it(tmp_path):
+    """``umbrella-eval --checkpoint RUN.yaml``: the predecessor's weights scored, no training."""
+    from helpers.umbrella_forms import write_umbrella_forms
+    from safetensors.torch import save_file
+
+    from data_prep.cli import main as pack_main
+    from umbrella_ds.config import load_config
+    from umbrella_ds.model import find_patch_embed
+    from umbrella_ds.train.factory import build_for_run
+
+    forms = write_umbrella_forms(tmp_path / "forms", subjects=8)
+    t1 = [str(forms.instructions["sex_classification"][s]) for s in ("train", "test")]
+    maps = [x for pm in forms.path_maps for x in ("--path-map", pm)]
+    assert (
+        pack_main(["manifest", "--instructions", *t1, *maps, "--out", str(tmp_path / "m.csv")]) == 0
+    )
+    argv = ["build", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "shards")]
+    assert pack_main([*argv, "--t1-size", "16", "16", "16", "--no-progress"]) == 0
+    e = find_patch_embed(build_for_run(load_config(None, [])).model).embed_dim
+    old = OldPatchEmbed(embed=e, t1_patch=(8, 8, 8))
+    save_file({PREFIX_4X + k: v for k, v in old.state_dict().items() if k.startswith("T1")},
+              str(tmp_path / "old.safetensors"))  # fmt: skip
+    modalities = {"T1": {"size": [16, 16, 16], "patch": [8, 8, 8]}}
+    run = {"model": {"preset": "tiny", "modalities": modalities}, "train": {"bf16": False}}
+    (tmp_path / "plain.yaml").write_text(json.dumps(run))
+    run["model"]["patch_embed_init"] = str(tmp_path / "old.safetensors")
+    (tmp_path / "run.yaml").write_text(json.dumps(run))
+    cmd = [str(Path(sys.executable).parent / "umbrella-eval"), "--data", str(tmp_path / "shards"),
+           "--instructions", t1[1], "--out", str(tmp_path / "eval")]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*cmd, "--checkpoint", str(tmp_path / "run.yaml")], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["source"] == {"kind": "config", "path": str(tmp_path / "run.yaml"), "step": 0}
+    preds = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert len(preds) == len(forms.splits["test"])
+    assert "other preprocessing" in done.stderr
+    plain = subprocess.run([*cmd, "--checkpoint", str(tmp_path / "plain.yaml")], env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert plain.returncode == 2 and "does not set" in plain.stderr, plain.stderr[-2000:]
+
+
 # ---------------------------------------------------------------- ZeRO-3, 2 ranks
 
 
