@@ -13,7 +13,7 @@ How the commands are made to run here, and nothing else changes in them:
 - "Coming from UMBRELLA/BrainVLM": ``/data/umbrella`` is the predecessor's material as it lays
   it out (tests/helpers/umbrella_forms.py: a flat NIfTI folder, SwiFT frame folders, instruction
   files with absolute cluster paths that the README's ``--path-map`` rewrites, a phenotype CSV,
-  its run YAML at T1 32^3 and rsfMRI 8^3 x 4 frames), and ``models/llava-interleave-qwen-0.5b-hf``
+  its run YAML at T1 32^3 and rsfMRI 8^3 x 4 frames, one epoch), and ``models/llava-interleave-qwen-0.5b-hf``
   a saved ``tiny`` base.
 - Multi-hour or many-machine values are made small by the substitutions in ``SUBSTITUTIONS``
   (``--t1-size 96 96 96`` -> 32^3, ``--workers 8`` -> 2, ``--num_gpus 8`` -> 2, ``mpirun -np 32``
@@ -25,7 +25,7 @@ How the commands are made to run here, and nothing else changes in them:
   the line's ``CONFIG``. Why not submit them: the batch scripts themselves run on a real two-node
   cluster in tests/slurm (minutes, root only), and the README's lines ask for GPUs
   (``--gpus-per-node=4``) the local cluster does not have.
-Any command that exits non-zero fails the test, with its output. About 2-3 minutes on 2 cores.
+Any command that exits non-zero fails the test, with its output. About 3-4 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def _umbrella_material(work: Path) -> Path:
     from helpers.umbrella_forms import old_yaml, save_tiny_base, write_umbrella_forms
 
     forms = write_umbrella_forms(work.parent / f"{work.name}-umbrella", subjects=12)
-    old = old_yaml(img_size=32, fmri_size=8, sequence_length=4)
+    old = old_yaml(img_size=32, fmri_size=8, sequence_length=4, max_epochs=1)
     forms.old_yaml.write_text(yaml.safe_dump(old, sort_keys=False))
     save_tiny_base(work / "models" / "llava-interleave-qwen-0.5b-hf")
     return forms.root
@@ -187,7 +187,7 @@ def _check_sbatch(command: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_readme_commands_run_as_written(workdir):
     work, bids = workdir
     commands = readme_commands((REPO / "README.md").read_text())
