@@ -18,12 +18,20 @@ from umbrella_ds import modality as modality_table
 from umbrella_ds import shards
 from umbrella_ds.errors import UsageError, add_debug_flag, run_main
 
-MANIFEST_HELP = """Write the manifest CSV of a BIDS dataset, ready for `build --manifest`.
+MANIFEST_HELP = """Write a manifest CSV, ready for `build --manifest`, from one of two sources.
 
-One row per subject: subject_id (sub-<label> -> <label>), T1 (anat/*_T1w), rsfMRI
+--bids DIR: one row per subject: subject_id (sub-<label> -> <label>), T1 (anat/*_T1w), rsfMRI
 (func/*_task-<task>_*bold), then the columns of participants.tsv. Several sessions: the first in
-sorted order, or --session. Several runs: run-1, else the lowest. Subjects lacking a modality are
-listed with the reason in <out stem>.missing.csv. Exit status 0, or 2 on a usage error."""
+sorted order, or --session. Several runs: run-1, else the lowest.
+
+--instructions FILE|DIR ...: the UMBRELLA/BrainVLM instruction files (JSONL, JSON arrays, folders
+of JSON): one row per subject they name, with the image paths in them (a NIfTI per subject, a
+SwiFT frame folder), rewritten by --path-map OLD=NEW (the cluster prefix they were written with ->
+where the files are now); phenotypes from --phenotypes CSV joined by subjectkey/subject_id.
+Rows sorted by subject key.
+
+Either way, images not found are listed with the reason in <out stem>.missing.csv.
+Exit status 0, or 2 on a usage error."""
 
 
 def _triple(name: str) -> dict:
@@ -135,11 +143,33 @@ def make_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser(
         "manifest",
-        help="write the manifest CSV of a BIDS dataset (one T1w and one rest BOLD per subject)",
+        help="write the manifest CSV of a BIDS dataset or of UMBRELLA/BrainVLM instruction files",
         description=MANIFEST_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    m.add_argument("--bids", type=Path, required=True, metavar="DIR", help="BIDS dataset root")
+    source = m.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bids", type=Path, metavar="DIR", help="BIDS dataset root")
+    source.add_argument(
+        "--instructions",
+        type=Path,
+        nargs="+",
+        metavar="FILE|DIR",
+        help="UMBRELLA/BrainVLM instruction files or folders: pack the images they name",
+    )
+    m.add_argument(
+        "--phenotypes",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="with --instructions: phenotype CSV keyed by subjectkey or subject_id",
+    )
+    m.add_argument(
+        "--path-map",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="with --instructions: rewrite image paths under OLD to NEW (repeatable)",
+    )
     m.add_argument(
         "--derivatives",
         default=None,
@@ -152,7 +182,9 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="LABEL",
         help="use this session (ses-LABEL) for every subject; default: the first in sorted order",
     )
-    m.add_argument("--task", default="rest", help="the resting-state task label (task-LABEL)")
+    m.add_argument(
+        "--task", default=None, help="the resting-state task label (task-LABEL; default rest)"
+    )
     m.add_argument(
         "--space",
         default=None,
@@ -241,11 +273,18 @@ def _info(a: argparse.Namespace) -> int:
 
 
 def _manifest(a: argparse.Namespace) -> int:
+    if a.instructions is not None:
+        return _manifest_from_instructions(a)
     from data_prep import bids
 
+    for flag in ("phenotypes", "path_map"):
+        if getattr(a, flag):
+            raise UsageError(
+                f"--{flag.replace('_', '-')}: only with --instructions (BIDS: participants.tsv)"
+            )
     t0 = time.perf_counter()
     found = bids.scan(
-        a.bids, derivatives=a.derivatives, session=a.session, task=a.task, space=a.space
+        a.bids, derivatives=a.derivatives, session=a.session, task=a.task or "rest", space=a.space
     )
     missing = bids.write(found, a.out)
     lacking = sorted({m["subject_id"] for m in found.missing})
@@ -259,6 +298,30 @@ def _manifest(a: argparse.Namespace) -> int:
     print(
         f"manifest: {len(found.rows)} subjects -> {a.out} in {time.perf_counter() - t0:.1f} s; "
         f"{len(lacking)} lacking a modality, listed in {missing}"
+    )
+    return 0
+
+
+def _manifest_from_instructions(a: argparse.Namespace) -> int:
+    from data_prep import umbrella_manifest
+
+    for flag in ("derivatives", "session", "task", "space"):
+        if getattr(a, flag) is not None:
+            raise UsageError(f"--{flag}: only with --bids")
+    t0 = time.perf_counter()
+    found = umbrella_manifest.scan(a.instructions, phenotypes=a.phenotypes, path_maps=a.path_map)
+    missing = umbrella_manifest.write(found, a.out)
+    for m in found.missing[:10]:
+        print(
+            f"umbrella-pack manifest: {m['subject_id']}: {m['modality']} {m['path']}: {m['reason']}",
+            file=sys.stderr,
+        )
+    if len(found.missing) > 10:
+        print(f"umbrella-pack manifest: ... {len(found.missing) - 10} more", file=sys.stderr)
+    print(
+        f"manifest: {len(found.rows)} subjects from {found.tasks} tasks -> {a.out} in "
+        f"{time.perf_counter() - t0:.1f} s; {len(found.missing)} image(s) not found, listed in "
+        f"{missing}"
     )
     return 0
 

@@ -95,6 +95,9 @@ class ModelConfig:
         default_factory=lambda: {modality.T1.name: ModalityConfig([32, 32, 32], [8, 8, 8])}
     )
     checkpointing: TowerCheckpointing = field(default_factory=TowerCheckpointing)
+    # A patch embedding trained by UMBRELLA/BrainVLM (HF checkpoint folder or state dict) to start
+    # from instead of a random one (umbrella_ds/model/patch_embed_init.py).
+    patch_embed_init: str | None = None
 
     @property
     def source(self) -> str:
@@ -242,7 +245,10 @@ NOT_FINGERPRINTED: tuple[str, ...] = (
 )
 # Keys added after checkpoints were first written: hashed only away from their default, so the
 # fingerprint of every older checkpoint's config is unchanged. Append each new trajectory key here.
-FINGERPRINTED_UNLESS_DEFAULT: tuple[str, ...] = ("train.adam_eps",)
+FINGERPRINTED_UNLESS_DEFAULT: tuple[str, ...] = (
+    "train.adam_eps",
+    "model.patch_embed_init",
+)
 
 _MISSING = object()
 
@@ -410,6 +416,8 @@ def _absolutise(cfg: RunConfig) -> None:
     cfg.data.eval = [absolute(p) for p in cfg.data.eval]
     if cfg.model.path:
         cfg.model.path = absolute(cfg.model.path)
+    if cfg.model.patch_embed_init:
+        cfg.model.patch_embed_init = absolute(cfg.model.patch_embed_init)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -447,7 +455,10 @@ def validate(cfg: RunConfig) -> None:
             f"train.deepspeed: expected one of {list(DS_STAGES)} or a .json path, got {t.deepspeed!r}"
         )
     if not cfg.model.path and not cfg.model.preset:
-        raise ConfigError("model: set model.preset or model.path")
+        raise ConfigError(
+            "model.path: unset; set it to a local copy of the pretrained base (or model.preset "
+            "to a preset name)"
+        )
     if not cfg.model.modalities:
         raise ConfigError("model.modalities: at least one modality is needed")
     for name, spec in cfg.model.modalities.items():

@@ -10,6 +10,11 @@ How the commands are made to run here, and nothing else changes in them:
   shipped file by changing only what names the user's machine or takes hours: the local 0.5B
   weights become the ``tiny`` preset at 32^3, the data paths the scratch ones, 20000 steps 4,
   the batch 4, no compilation, no loader workers, evaluation of 4 samples every 2 steps.
+- "Coming from UMBRELLA/BrainVLM": ``/data/umbrella`` is the predecessor's material as it lays
+  it out (tests/helpers/umbrella_forms.py: a flat NIfTI folder, SwiFT frame folders, instruction
+  files with absolute cluster paths that the README's ``--path-map`` rewrites, a phenotype CSV,
+  its run YAML at T1 32^3 and rsfMRI 8^3 x 4 frames, one epoch), and ``models/llava-interleave-qwen-0.5b-hf``
+  a saved ``tiny`` base.
 - Multi-hour or many-machine values are made small by the substitutions in ``SUBSTITUTIONS``
   (``--t1-size 96 96 96`` -> 32^3, ``--workers 8`` -> 2, ``--num_gpus 8`` -> 2, ``mpirun -np 32``
   -> 2 oversubscribed ranks as root, ``train.max_steps=2000`` -> 2); each must match somewhere,
@@ -20,7 +25,7 @@ How the commands are made to run here, and nothing else changes in them:
   the line's ``CONFIG``. Why not submit them: the batch scripts themselves run on a real two-node
   cluster in tests/slurm (minutes, root only), and the README's lines ask for GPUs
   (``--gpus-per-node=4``) the local cluster does not have.
-Any command that exits non-zero fails the test, with its output. About 2-3 minutes on 2 cores.
+Any command that exits non-zero fails the test, with its output. About 3-4 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 BIDS_DIR = "/data/abcd-bids"
+UMBRELLA_DIR = "/data/umbrella"
 SUBJECTS = 20
 
 # (README text, what runs here): each must occur in the README.
@@ -50,6 +56,8 @@ SUBSTITUTIONS = [
     ("--num_gpus 8", "--num_gpus 2"),
     ("mpirun -np 32", "mpirun -np 2 --oversubscribe"),
     ("train.max_steps=2000 ", "train.max_steps=2 "),
+    ("--world-size 8", "--world-size 1"),
+    ("--rsfmri-size 96 96 96", "--rsfmri-size 8 8 8"),
 ]
 
 
@@ -112,6 +120,17 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _umbrella_material(work: Path) -> Path:
+    """The predecessor's forms standing in for /data/umbrella, and a local base to train on."""
+    from helpers.umbrella_forms import old_yaml, save_tiny_base, write_umbrella_forms
+
+    forms = write_umbrella_forms(work.parent / f"{work.name}-umbrella", subjects=12)
+    old = old_yaml(img_size=32, fmri_size=8, sequence_length=4, max_epochs=1)
+    forms.old_yaml.write_text(yaml.safe_dump(old, sort_keys=False))
+    save_tiny_base(work / "models" / "llava-interleave-qwen-0.5b-hf")
+    return forms.root
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> tuple[Path, Path]:
     """(scratch directory the commands run in, the directory standing in for /data/abcd-bids)."""
@@ -135,6 +154,7 @@ def workdir(tmp_path_factory) -> tuple[Path, Path]:
     held_out = (instructions / "t1_sex_eval.jsonl").read_text().splitlines()[0]
     key = re.search(r"NDARINV[0-9A-Z]+", held_out).group(0)
     shutil.copy(cohort / "t1" / f"{key}.nii.gz", work / "new.nii.gz")
+    _umbrella_material(work)
     return work, bids
 
 
@@ -143,7 +163,8 @@ def _substitute(command: str, bids: Path, used: set[str]) -> str:
         if text in command + " ":
             command = (command + " ").replace(text, replacement).rstrip()
             used.add(text)
-    return command.replace(BIDS_DIR, str(bids))
+    umbrella = bids.parent / f"{bids.name.removesuffix('-bids')}-umbrella"  # _umbrella_material
+    return command.replace(BIDS_DIR, str(bids)).replace(UMBRELLA_DIR, str(umbrella))
 
 
 def _check_sbatch(command: str) -> None:
@@ -166,7 +187,7 @@ def _check_sbatch(command: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_readme_commands_run_as_written(workdir):
     work, bids = workdir
     commands = readme_commands((REPO / "README.md").read_text())
@@ -202,4 +223,14 @@ def test_readme_commands_run_as_written(workdir):
     assert (work / "subjects.missing.csv").is_file() and (work / "shards" / "index.json").is_file()
     assert (work / "runs" / "t1" / "checkpoints" / "latest").read_text().strip() == "step-0000004"
     assert (work / "reports" / "cmp" / "report.md").is_file()
+    # Coming from UMBRELLA: every subject packed from the cluster paths, and a run trained on them.
+    with open(work / "umbrella-subjects.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and all(r["T1"] and r["rsfMRI"] and r["sex"] for r in rows)
+    assert [r["subject_id"] for r in rows] == sorted(r["subject_id"] for r in rows)
+    assert (work / "umbrella-subjects.missing.csv").read_text().count("\n") == 1  # header only
+    converted = yaml.safe_load((work / "from-umbrella.yaml").read_text())
+    assert list(converted["model"]["modalities"]) == ["T1", "rsfMRI"]
+    assert "not-a-real-key" not in (work / "from-umbrella.yaml").read_text()
+    assert (work / "runs" / "from-umbrella" / "checkpoints" / "latest").is_file()
     print("\n".join(ran))

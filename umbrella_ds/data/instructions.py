@@ -54,10 +54,14 @@ class InstructionError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One image of a task: read from the shards as (subject_id, modality)."""
+    """One image of a task: read from the shards as (subject_id, modality).
+
+    ``path`` is the file's own path, kept only for ``umbrella-pack manifest --instructions``
+    (which finds the images to pack from it); it takes no part in equality or hashing."""
 
     subject_id: str
     modality: str
+    path: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -327,7 +331,8 @@ class _TaskParser:
                     f"image {k}: modality {mod_name!r} in the conversation but "
                     f"{decl.modality!r} in the image list"
                 )
-            refs.append(ImageRef(resolve(k, ph.path or (decl.path if decl else None)), modality))
+            path = ph.path or (decl.path if decl else None)
+            refs.append(ImageRef(resolve(k, path), modality, str(path) if path else None))
 
         it = iter(refs)
         turns = tuple(

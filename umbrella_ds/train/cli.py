@@ -1,5 +1,9 @@
 """``umbrella-train`` / ``python -m umbrella_ds.train``: arguments -> config -> run -> exit status.
 
+With ``--from-umbrella-config OLD.yaml --out RUN.yaml`` it trains nothing: it writes a run config
+from the predecessor's (UMBRELLA/BrainVLM) YAML and lists what it could not carry
+(umbrella_ds/train/umbrella_config.py), then exits 0.
+
 With ``--find-micro-batch`` it trains nothing: one process reports the largest micro-batch that
 fits the config and its throughput (umbrella_ds/train/micro_batch.py), then exits 0.
 
@@ -69,6 +73,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     finder.add_argument(
         "--answer-tokens", type=int, default=4, help="supervised tokens per synthetic sample"
     )
+    old = p.add_argument_group("from UMBRELLA/BrainVLM (writes a run config, no training)")
+    old.add_argument(
+        "--from-umbrella-config",
+        metavar="OLD.yaml",
+        default=None,
+        help="the predecessor's run YAML to convert",
+    )
+    old.add_argument("--out", default=None, metavar="RUN.yaml", help="run config to write")
+    old.add_argument(
+        "--world-size", type=int, default=1, help="ranks the global batch is computed for"
+    )
+    old.add_argument(
+        "--model-path", default=None, metavar="DIR", help="local copy of model.hf_name"
+    )
+    old.add_argument(
+        "--instructions",
+        nargs="+",
+        default=None,
+        metavar="FILE|DIR",
+        help="training instruction files (data.train; max_epochs -> max_steps counts them)",
+    )
+    old.add_argument(
+        "--eval-instructions", nargs="+", default=None, metavar="FILE|DIR", help="data.eval"
+    )
+    old.add_argument(
+        "--deepspeed", default=None, metavar="JSON", help="the DeepSpeed JSON the old run used"
+    )
+    old.add_argument("--shards", default="shards", metavar="DIR", help="data.shards")
     add_debug_flag(p)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -80,6 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
+    if args.from_umbrella_config:
+        from umbrella_ds.train import umbrella_config
+
+        return umbrella_config.run(args)
+    if args.out or args.instructions or args.deepspeed:
+        raise UsageError("--out, --instructions, --deepspeed: only with --from-umbrella-config")
     from umbrella_ds.config import load_config
     from umbrella_ds.train import preflight
 

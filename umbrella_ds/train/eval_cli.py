@@ -1,7 +1,10 @@
 """``umbrella-eval``: greedy evaluation of a checkpoint or an export on packed subjects.
 
-    umbrella-eval --checkpoint RUN_DIR|CKPT_DIR|STEP_DIR|EXPORT_DIR --data SHARD_DIR \\
+    umbrella-eval --checkpoint RUN_DIR|CKPT_DIR|STEP_DIR|EXPORT_DIR|RUN.yaml --data SHARD_DIR \\
                   --instructions FILE [FILE ...] [--out DIR]
+
+``--checkpoint RUN.yaml`` evaluates a run config that sets ``model.patch_embed_init`` (a patch
+embedding trained by UMBRELLA/BrainVLM) on its base, as step 0: no training needed to score it.
 
 The numbers are the in-training evaluation's: the same dataset construction (the run config's
 data section, with --data and --instructions swapped in), the same sharding over ranks, the same
@@ -50,7 +53,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="run dir or its checkpoints dir (through `latest`), a step dir, or an umbrella-export dir",
+        help="run dir or its checkpoints dir (through `latest`), a step dir, an umbrella-export "
+        "dir, or a run YAML setting model.patch_embed_init (the predecessor's weights, step 0)",
     )
     p.add_argument("--data", required=True, help="packed shard directory (umbrella-pack build)")
     p.add_argument(
@@ -87,7 +91,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 @dataclasses.dataclass
 class Source:
-    kind: str  # "checkpoint" | "export"
+    kind: str  # "checkpoint" | "export" | "config"
     path: Path  # step dir or export dir
     config: Any  # RunConfig
     step: int
@@ -100,6 +104,8 @@ def resolve_source(path: str) -> Source:
     from umbrella_ds.train.export import EXPORT_INFO
 
     p = Path(path).expanduser().resolve()
+    if p.is_file() and p.suffix in (".yaml", ".yml"):
+        return _config_source(p)
     if (p / EXPORT_INFO).is_file():
         try:
             info = json.loads((p / EXPORT_INFO).read_text())
@@ -126,11 +132,26 @@ def resolve_source(path: str) -> Source:
     )
 
 
+def _config_source(path: Path) -> Source:
+    """A run YAML whose model.patch_embed_init names a predecessor-trained patch embedding."""
+    from umbrella_ds.config import load_config
+
+    cfg = load_config(path)
+    if not cfg.model.patch_embed_init:
+        raise UsageError(
+            f"--checkpoint {path}: a run config is evaluated from model.patch_embed_init, which it "
+            "does not set (a trained run: pass its run or checkpoint directory)"
+        )
+    return Source("config", path, cfg, 0, _sha(path))
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def default_out(src: Source) -> Path:
+    if src.kind == "config":
+        return src.path.parent / f"eval-{src.path.stem}"
     if src.kind == "export":
         return src.path / "eval"
     # step dir = RUN/checkpoints/step-N  ->  RUN/eval-step-N
@@ -143,7 +164,9 @@ def load_model(src: Source, base: str | None):
     from umbrella_ds.train.factory import cast_like_deepspeed
 
     try:
-        if src.kind == "export":
+        if src.kind == "config":
+            model, tokenizer = _patch_embed_init_model(src.config, base)
+        elif src.kind == "export":
             model, tokenizer = load_trained(src.path, base=base)
         else:
             model, tokenizer = load_checkpoint_model(src.path, base=base)
@@ -151,6 +174,21 @@ def load_model(src: Source, base: str | None):
         raise UsageError(f"--base: {exc}") from exc
     cast_like_deepspeed(model, src.config.train.bf16)
     model.eval()
+    return model, tokenizer
+
+
+def _patch_embed_init_model(cfg, base: str | None):
+    """The run config's base with model.patch_embed_init loaded into its patch embedding."""
+    from umbrella_ds.model.patch_embed_init import apply_config
+    from umbrella_ds.train.factory import build, modality_specs
+
+    model, tokenizer = build(
+        base or cfg.model.source,
+        modalities=modality_specs(cfg.model),
+        init=cfg.model.init,
+        seed=cfg.train.seed,
+    )
+    apply_config(model, cfg.model)
     return model, tokenizer
 
 

@@ -32,6 +32,7 @@ import torch
 from umbrella_ds.config import ModelConfig, RunConfig
 from umbrella_ds.model import build_model
 from umbrella_ds.model.build import InitPath, random_init_path
+from umbrella_ds.model.patch_embed_init import apply_config as apply_patch_embed_init
 from umbrella_ds.train.base_weights import base_weights_sha256, check_same_base
 
 
@@ -113,6 +114,7 @@ def build_for_run(cfg: RunConfig, ds_cfg: dict[str, Any] | None = None) -> Built
             zero3_init=zero3_init,
             activation_checkpointing=(ck.vision, ck.language),
         )
+    apply_patch_embed_init(model, cfg.model)  # model.patch_embed_init: a predecessor-trained one
     return Built(model, tokenizer, dtype, random_init_path(zero3, cfg.model.init_kind))
 
 
