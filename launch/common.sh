@@ -17,6 +17,60 @@ umbrella_die() {
 	exit 1
 }
 
+# A submission the scripts cannot run as asked (e.g. ranks per node that leave GPUs idle): one
+# line, status 2 like the trainer's user errors, so the job is not requeued.
+umbrella_refuse() {
+	umbrella_log "error: $*"
+	exit "$UMBRELLA_EXIT_USER_ERROR"
+}
+
+# GPUs the job holds on this (the batch) node, 0 for none: SLURM_GPUS_ON_NODE (set for
+# --gpus-per-node, --gres=gpu:N and --gpus), else SLURM_GPUS_PER_NODE ("4" or "TYPE:4"), else
+# the indices in SLURM_JOB_GPUS.
+umbrella_gpus_per_node() {
+	local n=${SLURM_GPUS_ON_NODE:-}
+	[[ -z $n && -n ${SLURM_GPUS_PER_NODE:-} ]] && n=${SLURM_GPUS_PER_NODE##*:}
+	[[ -z $n && -n ${SLURM_JOB_GPUS:-} ]] && n=$(tr ',' '\n' <<<"$SLURM_JOB_GPUS" | grep -c .)
+	[[ $n =~ ^[0-9]+$ ]] || n=0
+	echo "$n"
+}
+
+# Ranks per node and CPUs per rank (docs/OPERATIONS.md, "First run on a GPU cluster").
+# With GPUs: one rank per GPU; an --ntasks-per-node or PROCS_PER_NODE that differs is refused, as
+# it would leave GPUs idle (or put two ranks on one). Without: PROCS_PER_NODE, else
+# --ntasks-per-node, else 1. CPUs per rank: --cpus-per-task as submitted, else the CPUs the job
+# holds on the node (all of them: the scripts ask for --exclusive) divided by the ranks; never
+# more than the node has. Exported as SRUN_CPUS_PER_TASK, since srun does not inherit sbatch's
+# --cpus-per-task (Slurm 22.05 on), and as OMP_NUM_THREADS unless the submitter exported one.
+umbrella_ranks() {
+	local gpus asked=${SLURM_NTASKS_PER_NODE:-} node=${SLURMD_NODENAME:-this node}
+	gpus=$(umbrella_gpus_per_node)
+	if ((gpus > 0)); then
+		[[ -z $asked || $asked == "$gpus" ]] ||
+			umbrella_refuse "--ntasks-per-node=$asked differs from the $gpus GPUs per node: one rank runs per GPU; drop --ntasks-per-node (or set it to $gpus)"
+		[[ -z ${PROCS_PER_NODE:-} || $PROCS_PER_NODE == "$gpus" ]] ||
+			umbrella_refuse "PROCS_PER_NODE=$PROCS_PER_NODE differs from the $gpus GPUs per node: one rank runs per GPU; unset PROCS_PER_NODE"
+		PROCS_PER_NODE=$gpus
+	else
+		PROCS_PER_NODE=${PROCS_PER_NODE:-${asked:-1}}
+	fi
+	[[ $PROCS_PER_NODE =~ ^[1-9][0-9]*$ ]] || umbrella_die "PROCS_PER_NODE=$PROCS_PER_NODE is not a positive integer"
+	local node_cpus=${SLURM_CPUS_ON_NODE:-1} per_rank
+	if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+		per_rank=$SLURM_CPUS_PER_TASK
+		((per_rank * PROCS_PER_NODE <= node_cpus)) ||
+			umbrella_refuse "--cpus-per-task=$per_rank x $PROCS_PER_NODE ranks per node is more than the $node_cpus CPUs the job holds on $node; lower --cpus-per-task"
+	else
+		per_rank=$((node_cpus / PROCS_PER_NODE))
+		((per_rank >= 1)) ||
+			umbrella_refuse "the job holds $node_cpus CPUs on $node for $PROCS_PER_NODE ranks: submit with --exclusive or --cpus-per-task"
+	fi
+	export SRUN_CPUS_PER_TASK=$per_rank
+	local omp="OMP_NUM_THREADS=$per_rank"
+	if [[ -n ${OMP_NUM_THREADS:-} ]]; then omp="OMP_NUM_THREADS=$OMP_NUM_THREADS (exported)"; else export OMP_NUM_THREADS=$per_rank; fi
+	umbrella_log "$PROCS_PER_NODE ranks per node ($gpus GPUs per node), $per_rank of the node's $node_cpus CPUs per rank, $omp"
+}
+
 # Validates the environment variables the scripts document and fills defaults.
 umbrella_settings() {
 	umbrella_traps
@@ -26,8 +80,7 @@ umbrella_settings() {
 	[[ -n ${CONFIG:-} ]] || umbrella_die "CONFIG is not set (the run YAML, e.g. CONFIG=configs/demo.yaml)"
 	[[ -n ${OUT:-} ]] || umbrella_die "OUT is not set (the output directory of the run)"
 	[[ -r $CONFIG ]] || umbrella_die "CONFIG=$CONFIG is not a readable file (relative to $PWD)"
-	PROCS_PER_NODE=${PROCS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-1}}
-	[[ $PROCS_PER_NODE =~ ^[1-9][0-9]*$ ]] || umbrella_die "PROCS_PER_NODE=$PROCS_PER_NODE is not a positive integer"
+	umbrella_ranks
 	MAX_REQUEUES=${MAX_REQUEUES:-3}
 	[[ $MAX_REQUEUES =~ ^[0-9]+$ ]] || umbrella_die "MAX_REQUEUES=$MAX_REQUEUES is not a non-negative integer"
 	UMBRELLA_TRAIN_SCRIPT=${UMBRELLA_TRAIN_SCRIPT:-umbrella_ds/train/__main__.py}

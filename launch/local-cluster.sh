@@ -13,6 +13,11 @@
 #   UMBRELLA_SLURM_PORT  slurmctld port (default 6817); node1 and node2 use the next two
 #   UMBRELLA_SLURM_CPUS  CPUs declared per node (default 2; more than the machine has is fine,
 #                        the nodes just oversubscribe it)
+#   UMBRELLA_SLURM_GPUS  GPUs declared per node (default 2; 0 for none): GPU GRES backed by
+#                        character devices (copies of /dev/null) in STATE_DIR/dev, so
+#                        `sbatch --gpus-per-node=2` allocates here and sets SLURM_GPUS_ON_NODE and
+#                        CUDA_VISIBLE_DEVICES as on a GPU cluster; no GPU is behind them (train
+#                        with train.device=cpu and DS_ACCELERATOR=cpu)
 #
 # The config lives in the state directory. Every slurm command reads it through SLURM_CONF;
 # jobs inherit SLURM_CONF from the submitting shell. When /etc/slurm/slurm.conf does not exist,
@@ -25,6 +30,7 @@ set -euo pipefail
 STATE_DIR=${UMBRELLA_SLURM_DIR:-/tmp/umbrella-slurm}
 CTLD_PORT=${UMBRELLA_SLURM_PORT:-6817}
 NODE_CPUS=${UMBRELLA_SLURM_CPUS:-2}
+NODE_GPUS=${UMBRELLA_SLURM_GPUS:-2}
 CONF=$STATE_DIR/slurm.conf
 NODES=(node1 node2)
 PACKAGES=(munge slurmctld slurmd slurm-client)
@@ -102,10 +108,29 @@ start_munge() {
 	log "started munged (pid $pid)"
 }
 
+# The fake GPUs: gres.conf beside slurm.conf naming STATE_DIR/dev/nvidia0..N-1 (a count-only
+# line without File= leaves the nodes INVAL: "gres/gpu count reported lower than configured").
+write_gres() {
+	local gres=$STATE_DIR/gres.conf i
+	rm -f "$gres"
+	((NODE_GPUS > 0)) || return 0
+	mkdir -p "$STATE_DIR/dev"
+	for ((i = 0; i < NODE_GPUS; i++)); do
+		[[ -c $STATE_DIR/dev/nvidia$i ]] || mknod "$STATE_DIR/dev/nvidia$i" c 1 3 ||
+			die "cannot create the fake GPU device $STATE_DIR/dev/nvidia$i (mknod needs root)"
+	done
+	echo "NodeName=node[1-2] Name=gpu File=$STATE_DIR/dev/nvidia[0-$((NODE_GPUS - 1))]" >"$gres"
+}
+
 write_conf() {
-	local host
+	local host gres_types="" node_gres=""
 	host=$(hostname -s)
 	mkdir -p "$STATE_DIR"/{ctld,log}
+	write_gres
+	if ((NODE_GPUS > 0)); then
+		gres_types="GresTypes=gpu"
+		node_gres="Gres=gpu:$NODE_GPUS"
+	fi
 	local tmp=$CONF.tmp.$$
 	cat >"$tmp" <<EOF
 # Written by launch/local-cluster.sh: two nodes on one host ($host), for tests and trials.
@@ -141,10 +166,16 @@ SlurmctldTimeout=30
 InactiveLimit=0
 MinJobAge=600
 KillOnBadExit=0
-NodeName=node1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((CTLD_PORT + 1)) CPUs=$NODE_CPUS State=UNKNOWN
-NodeName=node2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((CTLD_PORT + 2)) CPUs=$NODE_CPUS State=UNKNOWN
+$gres_types
+NodeName=node1 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((CTLD_PORT + 1)) CPUs=$NODE_CPUS $node_gres State=UNKNOWN
+NodeName=node2 NodeHostname=$host NodeAddr=127.0.0.1 Port=$((CTLD_PORT + 2)) CPUs=$NODE_CPUS $node_gres State=UNKNOWN
 PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF
+	# Daemons started with another config (e.g. before GPUs were declared) are restarted.
+	if [[ -r $CONF ]] && ! cmp -s "$tmp" "$CONF"; then
+		log "the config changed: restarting what this script started"
+		cmd_stop_daemons
+	fi
 	mv "$tmp" "$CONF"
 	if [[ ! -e /etc/slurm/slurm.conf && $(id -u) == 0 ]]; then
 		mkdir -p /etc/slurm
@@ -224,12 +255,16 @@ stop_pid() {
 	rm -f "$record"
 }
 
-cmd_stop() {
+cmd_stop_daemons() {
 	local node
 	for node in "${NODES[@]}"; do
 		stop_pid "slurmd-$node" "$CONF"
 	done
 	stop_pid slurmctld "$CONF"
+}
+
+cmd_stop() {
+	cmd_stop_daemons
 	stop_pid munged munged
 	if [[ -r $STATE_DIR/etc-link.created ]]; then
 		[[ -L /etc/slurm/slurm.conf ]] && rm -f /etc/slurm/slurm.conf

@@ -140,9 +140,19 @@ class TrainConfig:
         if self.global_batch % per_step:
             raise ConfigError(
                 f"train.global_batch={self.global_batch} is not divisible by "
-                f"train.micro_batch={self.micro_batch} x world size {world_size}"
+                f"train.micro_batch={self.micro_batch} x world size {world_size}; "
+                + self._dividing_micro_batches(world_size)
             )
         return self.global_batch // per_step
+
+    def _dividing_micro_batches(self, world_size: int) -> str:
+        """What would divide at this world size, so the error says what to set instead."""
+        if self.global_batch % world_size:
+            return f"no micro-batch divides: make train.global_batch a multiple of {world_size}"
+        per_rank = self.global_batch // world_size
+        fits = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+        shown = fits if len(fits) <= 12 else [*fits[:6], "...", *fits[-6:]]
+        return f"micro-batches that divide: {', '.join(map(str, shown))}"
 
 
 @dataclass

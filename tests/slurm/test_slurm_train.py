@@ -47,6 +47,7 @@ def trainer(cohort_24) -> Trainer:
         "eval.at_end=false",
         "log.every_steps=1",
         "log.tensorboard=false",
+        "train.device=cpu",  # the local cluster's nodes declare (fake) GPUs
     ]
     return Trainer(
         script="umbrella_ds/train/__main__.py",
@@ -57,8 +58,13 @@ def trainer(cohort_24) -> Trainer:
 
 
 def _two_node_args(out: Path, *extra: str) -> list[str]:
-    """sbatch options: two nodes, one rank each, the job log beside OUT (slurm-JOBID.out)."""
-    return ["-N", "2", "--ntasks-per-node=1", "-o", str(out.parent / "slurm-%j.out"), *extra]
+    """sbatch options: two nodes, one rank each, the job log beside OUT (slurm-JOBID.out).
+    --oversubscribe undoes the scripts' --exclusive, which would give the job every (fake) GPU
+    of the nodes and so two ranks per node: these runs are CPU runs, one rank per node."""
+    return [
+        "-N", "2", "--oversubscribe", "--ntasks-per-node=1",
+        "-o", str(out.parent / "slurm-%j.out"), *extra,
+    ]  # fmt: skip
 
 
 def _two_nodes(out: Path) -> None:
@@ -132,7 +138,7 @@ def _interrupt_and_resume(cluster, trainer, out: Path, script: str) -> str:
         until=_requeued_or_done,
     )
     assert state["JobState"] == "PENDING" and state["Restarts"] == "1", (state, job_log(out, job))
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    cluster.release(job)
     state = cluster.wait(job, JOB_TIMEOUT_S)
     assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), job_log(out, job)
     return job
@@ -183,7 +189,7 @@ def test_time_limit_checkpoints_requeues_resumes_then_stops_at_max_requeues(
         assert (state["JobState"], state["Restarts"]) == ("PENDING", "1"), (state, log)
         assert "got SIGUSR1" in log and "requeueing (restart 1 of at most 1)" in log, log
         first_stop = int(latest_checkpoint(out).name.split("-")[1])
-        slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+        slurm_cluster.release(job)
         state = slurm_cluster.wait(job, 150)
         log = job_log(out, job)
         assert (state["JobState"], state["ExitCode"], state["Restarts"]) == (
@@ -243,3 +249,31 @@ def test_hung_rank_ends_job_within_collective_timeout(slurm_cluster, trainer, tm
     )
     assert state["JobState"] == "FAILED", (state, log)
     assert "a rank failed (srun: error: node1: task 0:" in log, log
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+@pytest.mark.parametrize("script", ["launch/train.sbatch", "launch/train-srun.sbatch"])
+def test_gpu_gres_job_runs_one_rank_per_gpu(slurm_cluster, trainer, tmp_path, script):
+    """`sbatch -N 2 --gpus-per-node=2` on nodes with 2 (fake) GPUs each: 2 ranks per node, 4 in
+    all, each with 1 of its node's 2 CPUs (SRUN_CPUS_PER_TASK, OMP_NUM_THREADS left to the
+    script). CPU training is asked for (train.device=cpu): there is no GPU behind the GRES.
+    Two steps only: 4 ranks share this machine's 2 cores."""
+    out = tmp_path / "out"
+    job = slurm_cluster.submit(
+        script,
+        ["-N", "2", "--gpus-per-node=2", "-o", str(out.parent / "slurm-%j.out")],
+        **trainer.job_env(
+            out,
+            extra_overrides="train.max_steps=2 train.global_batch=4 train.micro_batch=1",
+            OMP_NUM_THREADS="",
+        ),
+    )
+    state = slurm_cluster.wait(job, JOB_TIMEOUT_S)
+    log = job_log(out, job)
+    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert "2 ranks per node (2 GPUs per node), 1 of the node's 2 CPUs per rank, OMP_NUM_THREADS=1" in log, log  # fmt: skip
+    (start,) = start_records(out)
+    assert start["world_size"] == 4, start
+    nodes = sorted(r["slurm_node"] for r in start["ranks"])
+    assert nodes == ["node1", "node1", "node2", "node2"], start["ranks"]
+    assert [r["step"] for r in train_records(out)] == [1, 2]
