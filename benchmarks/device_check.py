@@ -21,14 +21,15 @@ cases and plumbing; results also in benchmarks/results/train_gpu.json):
   4. rsfmri_compiled: rsfMRI at 1728 tokens, micro-batch 8, compiled.
   5. finder_and_patch_embed: `umbrella-train --find-micro-batch` on the T1 case's config, and the
      T1 patch embedding as Conv3d against reshape + Linear (forward + backward, bf16).
-  6. profile: a torch.profiler trace of 5 steps of the eager T1 micro-batch-64 case, reduced to
-     a table (DIR/profile.txt): top 15 operators by CUDA time (CPU time on a CPU), the patch
+  6. profile: a torch.profiler trace of 5 steps of the eager T1 micro-batch-64 case (step 3's
+     run, after the steps its rates come from), reduced to a table (DIR/profile.txt): top 15 operators by CUDA time (CPU time on a CPU), the patch
      embedding's, projector's and host-to-device copies' shares; the data wait is the run's
      `data_wait_frac`.
 
 `--dry-run` runs every step on the CPU at tiny sizes (gloo instead of NCCL; no compilation:
 inductor on a CPU costs minutes, and tests/train/test_compile.py covers compiled blocks inside
-the engine), so a GPU session is not spent finding a broken script
+the engine; step 4's rsfMRI case is train_gpu.py --smoke's), so a GPU session is not spent
+finding a broken script
 (tests/cli/test_device_check.py). Its figures mean nothing.
 """
 
@@ -220,24 +221,31 @@ class Bench:
     results: dict = dataclasses.field(default_factory=dict)
 
 
-# (step 3's eager, step 3's compiled, step 4, step 6) cases of train_gpu: GPU and dry run. A
-# case named *_profile runs under the profiler (run_bench_case). The dry run traces its step-3
-# run (one engine run less; its figures mean nothing anyway) and leaves out step 4's rsfMRI
-# case, which `benchmarks/train_gpu.py --smoke` runs on the CPU (tests/cli/test_bench_train_gpu.py).
+# (step 3's eager, step 3's compiled, step 4, step 6) cases of train_gpu: GPU and dry run. The
+# eager T1 run is also step 6's: its rates are the medians of the steps after `warmup` up to
+# `measure_to`; then the profiler takes one warm-up step and traces PROFILE_ACTIVE (a 0.5B engine
+# run costs about a minute of set-up, which a 5-minute half cannot spend twice on one case).
+# The dry run leaves out step 4's rsfMRI case, which `benchmarks/train_gpu.py --smoke` runs on
+# the CPU (tests/cli/test_bench_train_gpu.py), and compiles nothing.
+PROFILE_ACTIVE = 5
+GPU_PROFILE = dict(
+    train_gpu.GPU_CASES[0], name="t1_216_eager_mb64_profile", warmup=4, measure_to=12, steps=18
+)
 GPU_PLAN = {
-    "t1_eager": dict(train_gpu.GPU_CASES[0], steps=15, warmup=5),
-    "t1_compiled": dict(train_gpu.GPU_CASES[1], steps=20, warmup=10),
-    "rs_compiled": dict(train_gpu.GPU_CASES[2], steps=15, warmup=8),
-    "profile": dict(train_gpu.GPU_CASES[0], name="t1_216_eager_mb64_profile", steps=12, warmup=5),
+    "t1_eager": GPU_PROFILE,
+    "t1_compiled": dict(train_gpu.GPU_CASES[1], steps=18, warmup=8),
+    "rs_compiled": dict(train_gpu.GPU_CASES[2], steps=14, warmup=6),
+    "profile": GPU_PROFILE,
 }
-DRY_PROFILE = dict(train_gpu.SMOKE_CASES[0], name="t1_64_eager_mb4_profile", steps=8, warmup=1)
+DRY_PROFILE = dict(
+    train_gpu.SMOKE_CASES[0], name="t1_64_eager_mb4_profile", warmup=1, measure_to=3, steps=9
+)
 DRY_PLAN = {
     "t1_eager": DRY_PROFILE,
     "t1_compiled": None,
     "rs_compiled": None,
     "profile": DRY_PROFILE,
 }
-PROFILE_SKIP, PROFILE_ACTIVE = 1, 5  # steps after the case's warm-up: 1 profiler warm-up, 5 traced
 
 
 def _plan(check: Check) -> dict:
@@ -265,7 +273,9 @@ def run_bench_case(check: Check, case: dict, **env: str) -> dict:
         return b.results[case["name"]]
     if case["name"].endswith("_profile"):
         path = b.root / "profile.json"
-        env["UMBRELLA_BENCH_PROFILE"] = f"{path}:{case['warmup'] + PROFILE_SKIP}:{PROFILE_ACTIVE}"
+        # traced: the PROFILE_ACTIVE steps after measure_to + 1 (one profiler warm-up step)
+        assert case["steps"] >= case["measure_to"] + 1 + PROFILE_ACTIVE, case
+        env["UMBRELLA_BENCH_PROFILE"] = f"{path}:{case['measure_to'] + 1}:{PROFILE_ACTIVE}"
     cfg = train_gpu.case_config(case, b.data, b.model, b.root, b.work.workers)
     result = train_gpu.run_case(case, cfg, b.root, b.work.accelerator, extra_env=env)
     log = b.root / f"{case['name']}.log"
@@ -301,7 +311,7 @@ def step_finder_and_patch_embed(check: Check) -> dict:
     cfg = train_gpu.case_config(case, b.data, b.model, b.root, b.work.workers)
     cmd = [
         sys.executable, "-m", "umbrella_ds.train", "--config", str(cfg), "--find-micro-batch",
-        "--max-micro-batch", "4" if check.dry else "512", "--finder-steps", "2",
+        "--max-micro-batch", "4" if check.dry else "256", "--finder-steps", "2",
         "--set", f"train.device={check.accelerator}",
     ]  # fmt: skip
     log = b.root / "finder.log"

@@ -205,7 +205,11 @@ def profile_table(prof, cuda: bool) -> dict:
             return float(getattr(e, "device_time_total", 0.0))
         return float(e.cpu_time_total)
 
-    ops = [e for e in events if not any(e.key.startswith(r) for r in PROFILE_RANGES)]
+    ops = [
+        e
+        for e in events  # operators: not our ranges, not the profiler's own per-step range
+        if not any(e.key.startswith(r) for r in (*PROFILE_RANGES, "ProfilerStep"))
+    ]
     total = sum(self_time(e) for e in ops) or 1.0
     top = sorted(ops, key=self_time, reverse=True)[:PROFILE_TOP]
     clock = "CUDA" if cuda else "CPU"
@@ -446,7 +450,9 @@ def run_case(
     train = [
         r
         for r in records
-        if r.get("split") == "train" and r["step"] > case["warmup"] and not r["skipped"]
+        if r.get("split") == "train"
+        and case["warmup"] < r["step"] <= case.get("measure_to", case["steps"])
+        and not r["skipped"]
     ]
     if not train:
         return {
