@@ -124,12 +124,23 @@ def _has_gpu() -> bool:
 
 
 def rank_main(memory_out: Path, engine_args: list[str]) -> int:
-    """The engine's CLI, then this rank's peak GPU memory as PyTorch's allocator saw it."""
+    """The engine's CLI, then this rank's peak GPU memory as PyTorch's allocator saw it. With
+    UMBRELLA_BENCH_PROFILE=PATH:SKIP:ACTIVE, rank 0 also traces ACTIVE steps after SKIP ones
+    with torch.profiler and writes their table to PATH (`profile_engine`)."""
     import torch
 
     from umbrella_ds.train.cli import main as train_main
 
-    status = train_main(engine_args)
+    profiler = None
+    spec = os.environ.get("UMBRELLA_BENCH_PROFILE")
+    if spec and int(os.environ.get("RANK", "0")) == 0:
+        path, skip, active = spec.rsplit(":", 2)
+        profiler = profile_engine(Path(path), int(skip), int(active))
+    try:
+        status = train_main(engine_args)
+    finally:
+        if profiler is not None:
+            profiler.stop()
     if torch.cuda.is_available() and int(os.environ.get("RANK", "0")) == 0:
         memory_out.write_text(
             json.dumps(
@@ -141,6 +152,149 @@ def rank_main(memory_out: Path, engine_args: list[str]) -> int:
             )
         )
     return status
+
+
+# ---------------------------------------------------------------- profile (device check step 6)
+
+PROFILE_TOP = 15
+PROFILE_RANGES = ("patch_embed", "projector")
+
+
+def _mark(module, name: str, backward: bool = True) -> None:
+    """Profiler ranges around a module's forward and, with ``backward``, its backward (module
+    hooks: opens when the gradient of its output arrives, closes when its inputs' is done; a
+    module whose inputs need no gradient, the patch embedding's, would get an empty range)."""
+    from torch.autograd.profiler import record_function
+
+    def opener(label: str):
+        def hook(*_):
+            rf = record_function(label)
+            rf.__enter__()
+            open_ranges.setdefault(label, []).append(rf)
+
+        return hook
+
+    def closer(label: str):
+        def hook(*_):
+            stack = open_ranges.get(label)
+            if stack:
+                stack.pop().__exit__(None, None, None)
+
+        return hook
+
+    open_ranges: dict[str, list] = {}
+    module.register_forward_pre_hook(opener(f"{name}.forward"))
+    module.register_forward_hook(closer(f"{name}.forward"))
+    if backward:
+        module.register_full_backward_pre_hook(opener(f"{name}.backward"))
+        module.register_full_backward_hook(closer(f"{name}.backward"))
+
+
+def profile_table(prof, cuda: bool) -> dict:
+    """The trace reduced: top operators by device time (CPU time without a GPU), the shares of
+    the marked ranges and of host-to-device copies in the traced steps' total."""
+    events = prof.key_averages()
+
+    def self_time(e) -> float:
+        if cuda:
+            return float(getattr(e, "self_device_time_total", 0.0))
+        return float(e.self_cpu_time_total)
+
+    def total_time(e) -> float:
+        if cuda:
+            return float(getattr(e, "device_time_total", 0.0))
+        return float(e.cpu_time_total)
+
+    ops = [
+        e
+        for e in events  # operators: not our ranges, not the profiler's own per-step range
+        if not any(e.key.startswith(r) for r in (*PROFILE_RANGES, "ProfilerStep"))
+    ]
+    total = sum(self_time(e) for e in ops) or 1.0
+    top = sorted(ops, key=self_time, reverse=True)[:PROFILE_TOP]
+    clock = "CUDA" if cuda else "CPU"
+    shares = {
+        e.key: total_time(e) / total
+        for e in events
+        if any(e.key.startswith(r) for r in PROFILE_RANGES)
+    }
+    # The patch embedding's backward: its input needs no gradient, so no module hook brackets it;
+    # in the T1 cases its Conv3d is the model's only convolution.
+    conv_bwd = [e for e in ops if e.key == "aten::convolution_backward"]
+    if conv_bwd:
+        shares["patch_embed.backward (aten::convolution_backward)"] = (
+            sum(total_time(e) for e in conv_bwd) / total
+        )
+    h2d = sum(self_time(e) for e in ops if "HtoD" in e.key or "Memcpy H2D" in e.key)
+    rows = [f"top {PROFILE_TOP} operators by self {clock} time ({total / 1e3:.1f} ms traced)"]
+    rows.append(f"{'operator':<60} {'self ms':>10} {'share':>7} {'calls':>7}")
+    for e in top:
+        rows.append(
+            f"{e.key[:60]:<60} {self_time(e) / 1e3:>10.2f} {self_time(e) / total:>7.1%} "
+            f"{e.count:>7}"
+        )
+    rows.append("")
+    for key, share in sorted(shares.items()):
+        rows.append(f"{key:<60} {share:>7.1%} of the traced {clock} time")
+    rows.append(
+        f"{'host-to-device copies':<60} "
+        + (f"{h2d / total:>7.1%}" if cuda else "    n/a (no device)")
+    )
+    return {
+        "clock": clock,
+        "traced_ms": total / 1e3,
+        "top": [
+            {
+                "op": e.key,
+                "self_ms": self_time(e) / 1e3,
+                "share": self_time(e) / total,
+                "calls": e.count,
+            }
+            for e in top
+        ],
+        "range_shares": shares,
+        "h2d_share": h2d / total if cuda else None,
+        "table": "\n".join(rows),
+    }
+
+
+def profile_engine(out: Path, skip: int, active: int):
+    """Wrap the engine: mark the patch embedding and projector once built, trace ACTIVE steps
+    after SKIP + 1 (one profiler warm-up step), write ``profile_table`` as JSON to ``out``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from umbrella_ds.model import find_patch_embed, projector
+    from umbrella_ds.train import engine
+
+    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+    def ready(p) -> None:
+        out.write_text(json.dumps(profile_table(p, cuda)))
+
+    prof = profile(
+        activities=activities,
+        schedule=schedule(wait=max(0, skip - 1), warmup=1, active=active, repeat=1),
+        on_trace_ready=ready,
+    )
+    build, step = engine.build, engine._Steps.step
+
+    def traced_build(*args, **kwargs):
+        state = build(*args, **kwargs)
+        _mark(find_patch_embed(state.model), "patch_embed", backward=False)
+        _mark(projector(state.model), "projector")
+        prof.start()
+        return state
+
+    def traced_step(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        prof.step()
+        return result
+
+    engine.build = traced_build
+    engine._Steps.step = traced_step
+    return prof
 
 
 # ---------------------------------------------------------------- preparation
@@ -271,12 +425,18 @@ def case_config(case: dict, data: Data, model: Path, root: Path, workers: int) -
 # ---------------------------------------------------------------- one case
 
 
-def run_case(case: dict, config: Path, root: Path, accelerator: str = "cuda") -> dict:
+def run_case(
+    case: dict,
+    config: Path,
+    root: Path,
+    accelerator: str = "cuda",
+    extra_env: dict[str, str] | None = None,
+) -> dict:
     from benchmarks.common import bench_env, deepspeed_cmd, run_logged
 
     memory = root / f"{case['name']}.memory.json"
     args = ["--rank-wrapper", str(memory), "--config", str(config), "--resume", "none"]
-    env = bench_env(DS_ACCELERATOR=accelerator)
+    env = bench_env(DS_ACCELERATOR=accelerator, **(extra_env or {}))
     env.pop("OMP_NUM_THREADS", None)
     log = root / f"{case['name']}.log"
     t0 = time.perf_counter()
@@ -290,7 +450,9 @@ def run_case(case: dict, config: Path, root: Path, accelerator: str = "cuda") ->
     train = [
         r
         for r in records
-        if r.get("split") == "train" and r["step"] > case["warmup"] and not r["skipped"]
+        if r.get("split") == "train"
+        and case["warmup"] < r["step"] <= case.get("measure_to", case["steps"])
+        and not r["skipped"]
     ]
     if not train:
         return {
@@ -354,6 +516,33 @@ def _ratios(results: dict[str, dict], pairs: dict[str, tuple[str, str]]) -> dict
     return out
 
 
+def run_config(work: Workload, cases: list[dict]) -> dict:
+    """What a result file says was run: preset, engine, DeepSpeed config, the cases' settings."""
+    return {
+        "preset": work.preset,
+        "weights": "random",
+        "engine": f"python -m umbrella_ds.train, deepspeed launcher, 1 rank ({work.accelerator})",
+        "deepspeed": "ds_configs/zero2.json, bf16",
+        "tokenizer": "tiny ChatML tokenizer; image_token_index set to its <image> id",
+        "loader_workers": work.workers,
+        "cases": {c["name"]: {k: v for k, v in c.items() if k != "name"} for c in cases},
+        "rates": "medians over the steps after each case's warm-up",
+        "mfu": "engine formula (umbrella_ds/train/run_logging.py), peak 989 TFLOP/s bf16 dense",
+    }
+
+
+def write_results(
+    work: Workload, results: dict[str, dict], results_dir: Path, config: dict
+) -> Path:
+    """<results_dir>/<work.result>.json: figures and ratios of the cases in ``results``."""
+    from benchmarks.common import write_result
+
+    return write_result(
+        work.result, config, _figures(results), results_dir=results_dir,
+        ratio=_ratios(results, work.ratios), cases=results,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The per-rank program the deepspeed launcher starts (it adds --local_rank=N first).
@@ -361,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest and rest[0] == "--rank-wrapper":
         return rank_main(Path(rest[1]), rest[2:])
 
-    from benchmarks.common import RESULTS_DIR, write_result
+    from benchmarks.common import RESULTS_DIR
 
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -404,24 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     cases = [c for c in work.cases if not a.only or c["name"] in a.only]
     results: dict[str, dict] = {}
-    config = {
-        "preset": work.preset,
-        "weights": "random",
-        "engine": f"python -m umbrella_ds.train, deepspeed launcher, 1 rank ({work.accelerator})",
-        "deepspeed": "ds_configs/zero2.json, bf16",
-        "tokenizer": "tiny ChatML tokenizer; image_token_index set to its <image> id",
-        "loader_workers": work.workers,
-        "cases": {c["name"]: {k: v for k, v in c.items() if k != "name"} for c in cases},
-        "rates": "medians over the steps after each case's warm-up",
-        "mfu": "engine formula (umbrella_ds/train/run_logging.py), peak 989 TFLOP/s bf16 dense",
-    }
+    config = run_config(work, cases)
 
     def save() -> Path:
         """Rewritten after every case, so a session that ends early keeps what it measured."""
-        return write_result(
-            work.result, config, _figures(results), results_dir=a.results_dir,
-            ratio=_ratios(results, work.ratios), cases=results,
-        )  # fmt: skip
+        return write_results(work, results, a.results_dir, config)
 
     with tempfile.TemporaryDirectory(prefix="train_gpu_", dir=a.workdir) as tmp:
         root = Path(tmp)

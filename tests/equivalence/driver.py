@@ -5,7 +5,9 @@ Started by the deepspeed launcher (1 rank for the reference, 2 for the run under
 Each case is a whole training run (`engine._run`: build, restore, loop, evaluate, save) into
 OUT/CASE/. One launch serves every case, so the process start-up and DeepSpeed's comm set-up
 are paid once. Besides the run's own outputs, rank 0 writes OUT/CASE/modalities.json: per
-training micro-batch, the modalities each rank's batch held (what makes a case "mixed").
+training micro-batch, the modalities each rank's batch held (what makes a case "mixed"), and
+OUT/CASE/initial_trainable.pt: the trainable parameters as built, before the first step (gathered
+under ZeRO-3), so the weight check can compare the trained updates (see test_equivalence.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+import deepspeed
+import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,6 +51,17 @@ def main() -> int:
         return forward(model, batch, normaliser, all_modalities=all_modalities)
 
     engine.model_forward_loss = recording_forward
+    restore = engine.restore
+
+    def recording_restore(state: engine.Run) -> None:
+        restore(state)
+        trainable = [(n, p) for n, p in state.model.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
+            initial = {n: p.detach().float().cpu().clone() for n, p in trainable}
+        if denv.rank == 0:
+            torch.save(initial, Path(state.cfg.output_dir) / "initial_trainable.pt")
+
+    engine.restore = recording_restore
     try:
         for name in args.cases:
             out = args.out / name

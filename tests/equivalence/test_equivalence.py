@@ -15,10 +15,8 @@ import torch
 
 from umbrella_ds.train.export import trained_state
 
-from .cases import CASES, SAME_BATCHES, STEPS, Case
+from .cases import CASES, SAME_BATCHES, STEPS, Case, by_name
 
-LOSS_RTOL = 1e-4
-WEIGHT_RTOL = 1e-5
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow, pytest.mark.timeout(2700)]
 
 
@@ -29,6 +27,31 @@ def _records(out: Path, split: str) -> list[dict]:
 
 def _final_weights(out: Path) -> dict[str, torch.Tensor]:
     return trained_state(out / "checkpoints" / f"step-{STEPS:07d}")
+
+
+def _initial_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The trainable parameters as built, before the first step (written by driver.py)."""
+    return torch.load(out / "initial_trainable.pt")
+
+
+def _update_errors(
+    start: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], run: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """Per trained tensor: |update_run - update_ref| / |update_ref| (Frobenius norms), where an
+    update is end - start. Why the update, not the weights: the weights are mostly their random
+    init, so a bound relative to |w| is a bound on the update scaled by the init's size
+    (|update| / |w| was 6-9% in these cases), which says nothing about the distributed path. A
+    tensor no gradient reached (a modality absent from the case) must be untouched on both: its
+    gradient is exactly zero, so is Adam's update."""
+    errors = {}
+    for k, w_ref in ref.items():
+        d_ref, d_run = w_ref - start[k], run[k] - start[k]
+        if not d_ref.any():
+            assert torch.equal(run[k], w_ref), f"{k}: untrained on 1 rank, changed on 2"
+            continue
+        errors[k] = float((d_run - d_ref).norm() / d_ref.norm())
+    assert errors, "no tensor was trained"
+    return errors
 
 
 def _rel(a: float, b: float) -> float:
@@ -43,22 +66,25 @@ def test_two_ranks_equal_one(case: Case, reference_runs: Path, two_rank_runs: Pa
     assert sorted(ref_loss) == sorted(run_loss) == list(range(1, STEPS + 1))
     worst_loss = max(_rel(run_loss[s], ref_loss[s]) for s in ref_loss)
     w_ref, w_run = _final_weights(ref), _final_weights(run)
-    assert sorted(w_ref) == sorted(w_run) and w_ref
-    worst_weight = max(float((w_run[k] - w_ref[k]).norm() / w_ref[k].norm()) for k in w_ref)
+    start, start_run = _initial_weights(ref), _initial_weights(run)
+    assert sorted(w_ref) == sorted(w_run) == sorted(start) and w_ref
+    assert all(torch.equal(start[k], start_run[k]) for k in start), "different initial weights"
+    update_errors = _update_errors(start, w_ref, w_run)
+    worst_update = max(update_errors.values())
     ev_ref = {r["task"]: r for r in _records(ref, "eval")}
     ev_run = {r["task"]: r for r in _records(run, "eval")}
     assert sorted(ev_ref) == sorted(ev_run) and "all" in ev_ref
     worst_eval = max(_rel(ev_run[t]["loss"], ev_ref[t]["loss"]) for t in ev_ref)
     print(
-        f"{case.name}: worst loss rel {worst_loss:.2e}, weights rel {worst_weight:.2e}, "
-        f"eval loss rel {worst_eval:.2e}"
+        f"{case.name}: worst loss rel {worst_loss:.2e}, update rel {worst_update:.2e}, "
+        f"eval loss rel {worst_eval:.2e} (bounds {case.tol})"
     )
-    assert worst_loss < LOSS_RTOL, (ref_loss, run_loss)
-    assert worst_weight < WEIGHT_RTOL
-    assert worst_eval < LOSS_RTOL, (ev_ref, ev_run)
+    assert worst_loss < case.tol.loss, (ref_loss, run_loss)
+    assert worst_update < case.tol.update, update_errors
+    assert worst_eval < case.tol.eval, (ev_ref, ev_run)
     assert ev_run["all"]["count"] == ev_ref["all"]["count"] == 6
     # training moved: equal curves of a model that did not learn would prove less
-    assert abs(ref_loss[STEPS] - ref_loss[1]) > 100 * LOSS_RTOL * abs(ref_loss[1])
+    assert abs(ref_loss[STEPS] - ref_loss[1]) > 100 * case.tol.loss * abs(ref_loss[1])
 
 
 @pytest.mark.parametrize(
@@ -72,6 +98,10 @@ def test_mixed_cases_put_different_batches_on_the_ranks(case: Case, two_rank_run
     assert differing, f"{case.name}: every micro-batch held the same modalities on both ranks"
 
 
+# The same weights evaluated again on one process (other batches, so another reduction order):
+# measured up to 1.0e-7 relative per task (t1_sex, avx512; default 7.7e-8, avx2 2.6e-8; the
+# machine of cases.TOLERANCE), so 1e-6. A wrongly rebuilt base moves it by orders of magnitude.
+EVAL_AGAIN_RTOL = 1e-6
 ZERO3_RANDOM = "mixed-zero3-siglip-ckpt"  # a ZeRO-3 random-init run: its base is drawn partitioned
 
 
@@ -105,7 +135,7 @@ def test_zero3_random_init_evaluates_afterwards_as_during_training(
     after = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     after_all = next(r for r in after["records"] if r["task"] == "all")
     during = _eval_all(run)
-    assert _rel(after_all["loss"], during["loss"]) < LOSS_RTOL, (after_all, during)
+    assert _rel(after_all["loss"], during["loss"]) < EVAL_AGAIN_RTOL, (after_all, during)
 
 
 def test_a_rebuilt_base_that_differs_is_refused(two_rank_runs: Path, tmp_path: Path) -> None:
@@ -169,7 +199,8 @@ def test_sentence_answers_are_scored_alike_on_zero3_ranks_holding_different_coun
         assert a["label_source"] == "metadata.subject_label" and a["label"] == a["meta_label"]
         assert a["choice"] == b["choice"]
         for c in ("female", "male"):
-            assert _rel(a["scores"][c], b["scores"][c]) < LOSS_RTOL, (a, b)
+            # summed log-likelihoods: the eval loss's bound (cases.TOLERANCE), measured 1.4e-5
+            assert _rel(a["scores"][c], b["scores"][c]) < by_name(SENTENCES_CASE).tol.eval, (a, b)
     ev = {r["task"]: r for r in _records(two_rank_runs / SENTENCES_CASE, "eval")}
     assert ev["sex_comparison"]["primary"] == "likelihood"
     assert "generation_accuracy" in ev["sex_comparison"]

@@ -90,6 +90,7 @@ def test_compiled_blocks_give_eager_losses(runs, stage, bf16, ckpt):
     assert "compiled 4 transformer blocks" in output
     # a block that keeps recompiling falls back to eager silently: that is a failure here
     assert "recompile_limit" not in output, output[-5000:]
+    print(f"{stage} bf16={bf16}: eager {eager}, compiled {compiled}")
     for step in eager:
         assert eager[step] is not None and compiled[step] is not None
         assert abs(eager[step] - compiled[step]) <= TOLERANCE[bf16] * max(1.0, abs(eager[step])), (

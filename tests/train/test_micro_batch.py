@@ -103,3 +103,28 @@ def test_cli_without_a_cap_stops_at_max_micro_batch_and_rejects_bad_arguments():
     assert "largest micro-batch that fits: 4" in proc.stdout
     bad = _finder("--max-micro-batch", "0")
     assert bad.returncode == 2 and "error: --max-micro-batch: must be >= 1" in bad.stderr
+
+
+def test_cuda_need_adds_the_context_nccl_and_variation_margins_to_the_reserved_peak():
+    """The GPU arithmetic, checkable without a GPU: 10 GiB reserved in the finder's process is
+    10.5 GiB with the 5% variation, plus 1 GiB of context and 2 GiB of NCCL buffers."""
+    from umbrella_ds.train import micro_batch as mbf
+
+    assert mbf.cuda_need(10 * mbf.GIB) == int(13.5 * mbf.GIB)
+    assert mbf.cuda_need(0) == 3 * mbf.GIB  # the margins alone: what an empty step would need
+    # an 80 GB H100 (79.2 GiB usable): the largest reserved peak that still fits
+    fits = (79.2 - 3.0) / 1.05
+    assert (
+        mbf.cuda_need(int(fits * mbf.GIB))
+        <= 79.2 * mbf.GIB
+        < mbf.cuda_need(int((fits + 0.1) * mbf.GIB))
+    )
+
+
+def test_memory_cap_is_the_users_then_the_gpus_then_none():
+    import torch
+
+    from umbrella_ds.train import micro_batch as mbf
+
+    assert mbf.memory_cap(2.5, torch.device("cpu")) == int(2.5 * mbf.GIB)
+    assert mbf.memory_cap(None, torch.device("cpu")) is None  # CPU: bounded by max_micro_batch

@@ -16,6 +16,16 @@ from umbrella_ds.train.ds_setup import loss_normaliser
 from umbrella_ds.train.export import trained_state
 from umbrella_ds.train.inputs import build_inputs
 
+# Bounds measured under ATEN_CPU_CAPABILITY=default/avx2/avx512 (AMD EPYC, 2026-12-07), about 10x
+# the largest difference seen, so the suite holds on other x86 CPUs; the naive per-micro-batch mean
+# these tests exist to catch differs by more than 1e-2.
+# One process, same weights, batch of 4 vs 4 batches of 1 (summation order only):
+LOSS_RTOL = 1e-6  # measured 1.5e-8 / 2.9e-8 / 1.2e-7
+GRAD_RTOL = 1e-5  # measured 5.8e-7 / 7.6e-7 / 5.6e-7 (largest tensor)
+# The DeepSpeed engine over 3 steps (Adam, eps 1e-8, amplifies the gradients' summation noise):
+STEP_LOSS_RTOL = 5e-5  # measured 5.3e-6 / 5.4e-6 / 1.1e-6 at step 3 (was 1e-5: a 1.9x margin)
+WEIGHT_RTOL = 1e-4  # measured 2.2e-6 / 3.5e-6 / 1.7e-6 relative to |w|
+
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative to the whole tensor: batch shapes change summation order (fp32 noise ~1e-7)."""
@@ -49,9 +59,11 @@ def test_micro1_x_acc4_equals_micro4_x_acc1(train_data):
 
     g_small, loss_small = _grads(model, [inputs.collate_train([it]) for it in items])
     g_big, loss_big = _grads(model, [inputs.collate_train(items)])
-    assert loss_small == pytest.approx(loss_big, rel=1e-6)
+    grad_errs = {k: _rel_err(g_small[k], g_big[k]) for k in g_big}
+    print(f"loss rel {abs(loss_small - loss_big) / abs(loss_big):.2e}, grads rel {grad_errs}")
+    assert loss_small == pytest.approx(loss_big, rel=LOSS_RTOL)
     for k in g_big:
-        assert _rel_err(g_small[k], g_big[k]) < 1e-5, k
+        assert grad_errs[k] < GRAD_RTOL, k
     assert any(g.abs().sum() > 0 for g in g_big.values())
 
     # The naive alternative (mean per micro-batch, then mean over micro-batches) differs here,
@@ -86,8 +98,9 @@ def test_deepspeed_accumulation_matches_large_micro_batch(train_data, tmp_path):
     a, b = losses_by_step(outs[1]), losses_by_step(outs[4])
     assert sorted(a) == [1, 2, 3]
     for s in a:
-        assert a[s] == pytest.approx(b[s], rel=1e-5), f"step {s}"
+        assert a[s] == pytest.approx(b[s], rel=STEP_LOSS_RTOL), f"step {s}"
     wa = trained_state(outs[1] / "checkpoints" / "step-0000003")
     wb = trained_state(outs[4] / "checkpoints" / "step-0000003")
+    print("losses", a, b, "weights rel", {k: _rel_err(wa[k], wb[k]) for k in wa})
     for k in wa:
-        assert _rel_err(wa[k], wb[k]) < 1e-4, k  # Adam amplifies fp32 summation noise a little
+        assert _rel_err(wa[k], wb[k]) < WEIGHT_RTOL, k

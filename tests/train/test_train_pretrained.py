@@ -63,6 +63,9 @@ def test_pretrained_directory_trains_alike_under_zero2_and_zero3(
     z2 = _run(train_data, tmp_path / "z2", pretrained_dir, "zero2")
     z3 = _run(train_data, tmp_path / "z3", pretrained_dir, "zero3")
     assert sorted(z2) == sorted(z3) == list(range(1, STEPS + 1))
+    print(f"first-step loss: zero2 {z2[1]!r}, zero3 {z3[1]!r}")
+    # the same weights and batch, gathered or whole: measured equal to the last bit
+    # (ATEN_CPU_CAPABILITY=default, AMD EPYC, 2026-12-07); the bound admits other kernels' order
     assert abs(z2[1] - z3[1]) <= 1e-4 * max(1.0, abs(z2[1])), (z2, z3)
     # The production setting, bf16, weights read as bf16 straight into the partitions: it loads
     # and trains. Its first loss is not compared with ZeRO-2's: under ZeRO-3 zero.Init creates

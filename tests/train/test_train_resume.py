@@ -74,6 +74,11 @@ def _assert_same_run(ref: Path, res: Path, resumed_at: int) -> None:
     ref_losses, res_losses = losses_by_step(ref), losses_by_step(res)
     after = [s for s in range(resumed_at + 1, STEPS + 1)]
     assert after, "nothing was trained after the resume"
+    # Exact by construction on one machine: the same world size, kernels and thread counts, and
+    # the checkpoint restores the fp32 master weights, Adam's moments, every RNG and the sampler.
+    # Measured 0 (benchmarks/device_check.py --dry-run step 1, 1 rank, bf16, 2026-12-07); the
+    # bound is an ulp of slack, not noise. (A GPU is not bitwise reproducible: there the device
+    # check's step 1 records what holds.)
     for s in after:
         assert res_losses[s] == pytest.approx(ref_losses[s], abs=1e-6, rel=0), f"step {s}"
     a, b = _final_patch_embed(ref), _final_patch_embed(res)
@@ -126,5 +131,7 @@ def test_resume_two_ranks_onto_one(train_data, zero2_ref, tmp_path):
     for s in one_losses:
         assert one_losses[s] == pytest.approx(ref_losses[s], rel=5e-2), f"step {s}"
     a, b = _final_patch_embed(zero2_ref), _final_patch_embed(out)
+    print("2->1 losses", ref_losses, one_losses)
+    print("2->1 weights rel", {k: float((a[k] - b[k]).norm() / a[k].norm()) for k in a})
     for k in a:
         assert float((a[k] - b[k]).norm() / a[k].norm()) < 5e-2, k

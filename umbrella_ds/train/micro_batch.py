@@ -7,9 +7,12 @@ per-tower checkpointing, ``train.compile``) in ONE process, then runs a real for
 sample carries one image of each configured modality plus ``text_tokens`` text tokens, of which
 ``answer_tokens`` are supervised. Sizes double from 1 until one does not fit, then bisect.
 
-"Fits" means: no out-of-memory error and a peak below ``max_memory_gib`` when given.
-Peak memory on a GPU is ``torch.cuda.max_memory_allocated`` over the step: everything the
-process holds (weights, activations, gradients), exact for PyTorch's allocator. On the CPU it is
+"Fits" means: no out-of-memory error and a peak below the cap: ``max_memory_gib`` when given,
+else (GPU) the device's memory. On a GPU the peak is what training will need, ``cuda_need``:
+``torch.cuda.max_memory_reserved`` over the step (what PyTorch's caching allocator took from the
+device, fragmentation included; ``max_memory_allocated`` leaves that out) plus a margin for what
+the allocator never sees: the CUDA context, NCCL's buffers (the finder runs alone, without NCCL;
+training has them) and the allocator's step-to-step variation (see CUDA_* below). On the CPU it is
 an estimate of what the step adds on top of the model: the process's resident set, sampled every
 few milliseconds by a thread during the step, minus the resident set before it (glibc is told to return large blocks
 to the system, so the next trial starts from a clean baseline). A CPU without a cap is only
@@ -36,6 +39,18 @@ from umbrella_ds.data.collate import to_device
 from umbrella_ds.model import image_token_id, model_forward_loss, num_image_tokens
 
 GIB = 1024**3
+# GPU headroom on top of the reserved peak, read from the sources (no device was available to
+# measure them; benchmarks/device_check.sh records reserved and allocated on an H100):
+# - the CUDA context with the kernels of torch, cuBLAS and cuDNN loaded: 0.5-1 GiB on CUDA 12
+#   with lazy module loading (more without it); not counted by PyTorch's allocator.
+# - NCCL: per peer and channel 4 MiB buffers (NCCL_BUFFSIZE) plus, on H100 with NVLink SHARP
+#   (NVLS), multicast buffers of up to GBs (DESIGN.md "GPU cluster facts"); allocated by NCCL
+#   itself, outside the caching allocator.
+# - variation: real batches differ from the synthetic one (sequence lengths, the sampler's
+#   modality mix) and the allocator's block rounding differs step to step; 5% of the peak.
+CUDA_CONTEXT_GIB = 1.0
+CUDA_NCCL_GIB = 2.0
+CUDA_VARIATION = 0.05
 
 
 @dataclasses.dataclass
@@ -80,6 +95,22 @@ class _CpuPeak:
     @property
     def growth(self) -> int:
         return self.peak - self.base
+
+
+def cuda_need(reserved_bytes: int) -> int:
+    """Bytes a training rank needs on its GPU for a step whose reserved peak was ``reserved_bytes``
+    in the finder's process: the peak, its variation margin, the context and NCCL's buffers."""
+    margin = (CUDA_CONTEXT_GIB + CUDA_NCCL_GIB) * GIB
+    return int(reserved_bytes * (1 + CUDA_VARIATION) + margin)
+
+
+def memory_cap(max_memory_gib: float | None, device: torch.device) -> int | None:
+    """The cap a trial's peak must stay under: the user's, else the GPU's memory, else none."""
+    if max_memory_gib is not None:
+        return int(max_memory_gib * GIB)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
 
 
 def _return_freed_memory_to_os() -> None:
@@ -162,20 +193,24 @@ def run_trial(
         loss, _ = model_forward_loss(model, batch, batch["num_loss_tokens"], all_modalities=mods)
         loss.backward()
 
+    cap = memory_cap(max_memory_gib, device)
     try:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             step()
             torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device)  # weights + activations + gradients
+            peak = cuda_need(torch.cuda.max_memory_reserved(device))
         else:
             with _CpuPeak() as meter:
                 step()
             peak = meter.growth
         model.zero_grad(set_to_none=True)
-        if max_memory_gib is not None and peak > max_memory_gib * GIB:
-            return Trial(micro_batch, False, peak / GIB, None, f"above {max_memory_gib} GiB")
+        if cap is not None and peak > cap:
+            limit = (
+                f"{max_memory_gib}" if max_memory_gib is not None else f"the GPU's {cap / GIB:.1f}"
+            )
+            return Trial(micro_batch, False, peak / GIB, None, f"above {limit} GiB")
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
