@@ -152,6 +152,7 @@ def choose_device(
     environ: Mapping[str, str] | None = None,
     *,
     cuda_devices: int | None = None,
+    recorded: bool = False,
 ) -> str:
     """ "cuda" or "cpu" for ``requested`` (auto|cuda|cpu, set at ``key``), or a DeviceError.
 
@@ -161,6 +162,8 @@ def choose_device(
     is exported by our Makefile, test helpers and many shell profiles). ``cpu`` trains on the CPU
     whatever is allocated; ``cuda`` without usable CUDA is refused. ``cuda_devices``: the visible
     device count (tests; default ``torch.cuda.device_count()`` when CUDA is available).
+    ``recorded``: ``requested`` comes from a checkpoint's run config (eval, export), which the user
+    cannot set, so the refusal says what they can do instead.
     """
     env = os.environ if environ is None else environ
     if requested not in DEVICES:
@@ -178,21 +181,26 @@ def choose_device(
     found = [f"{k}={v}" for k, v in allocated.items()]
     found += [f"{cuda_devices} CUDA device(s) visible to torch"] if cuda_devices else []
     found += ["DS_ACCELERATOR=cpu (inherited: not a request for the CPU)"] if ds_cpu else []
-    why = "CUDA requested" if requested == "cuda" else "GPUs allocated"
+    why = "CUDA requested" if requested == "cuda" else (
+        "GPUs allocated" if allocated else "GPUs visible")  # fmt: skip
     raise DeviceError(
-        f"{key}={requested}: {why} but this process cannot train on them; found {torch_build()}, "
-        f"{', '.join(found) if found else 'no CUDA device'}. Train on the CPU deliberately with "
-        f"{key}=cpu, or use a CUDA build of torch{' and unset DS_ACCELERATOR' if ds_cpu else ''}"
-    )
+        f"{key}={requested}: {why}, but this process cannot use CUDA; found {torch_build()}, "
+        f"{', '.join(found) if found else 'no CUDA device'}. "
+        + ("Run it where no GPUs are allocated" if recorded
+           else f"Train on the CPU deliberately with {key}=cpu")
+        + f", or use a CUDA build of torch{' and unset DS_ACCELERATOR' if ds_cpu else ''}"
+    )  # fmt: skip
 
 
-def apply_device_rule(requested: str, key: str = "train.device") -> torch.device:
+def apply_device_rule(
+    requested: str, key: str = "train.device", *, recorded: bool = False
+) -> torch.device:
     """Choose the device (``choose_device``) and make DeepSpeed agree, before anything builds.
 
     DeepSpeed picks its accelerator once, at the first ``get_accelerator()``, from
     ``DS_ACCELERATOR`` or else by probing torch (deepspeed/accelerator/real_accelerator.py), so
     the choice is written there; ``on_cpu`` and the other readers then agree with it."""
-    device = choose_device(requested, key)
+    device = choose_device(requested, key, recorded=recorded)
     os.environ["DS_ACCELERATOR"] = device
     import sys
 

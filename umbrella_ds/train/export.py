@@ -240,7 +240,7 @@ def _main(argv: Sequence[str] | None) -> int:
     # The user's paths first, each a one-line error naming it: the checkpoint, then the shards
     # whose preprocessing the export records.
     cfg = config_from_dict(read_meta(resolve(args.ckpt))["config"])
-    env.apply_device_rule(cfg.train.device, "train.device (of the exported run)")
+    env.apply_device_rule(cfg.train.device, "train.device (of the exported run)", recorded=True)
     if args.shards is not None:
         check_shards(args.shards, "--shards")
     else:
