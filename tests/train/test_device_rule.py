@@ -137,6 +137,20 @@ def test_local_rank_is_the_device_index_and_the_node_rank_stays(monkeypatch):
     assert os.environ["LOCAL_RANK"] == "5"
 
 
+def test_mpirun_local_rank_agrees_with_local_rank(monkeypatch):
+    """DeepSpeed asserts OMPI_COMM_WORLD_LOCAL_RANK == LOCAL_RANK (runtime/engine.py): both carry
+    the device index once exported, and discover still knows the node-local rank."""
+    import os
+
+    mpi = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8",
+           "OMPI_COMM_WORLD_LOCAL_RANK": "3", "MASTER_ADDR": "h"}  # fmt: skip
+    monkeypatch.setattr(os, "environ", mpi)
+    monkeypatch.setattr(denv_mod, "_exported_node_local_rank", None)
+    denv_mod.export(discover(), visible_devices=2)
+    assert os.environ["LOCAL_RANK"] == os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] == "1"
+    assert discover().node_local_rank == 3
+
+
 # ---------------------------------------------------------------- deterministic mode
 
 

@@ -108,6 +108,10 @@ def export(d: DistEnv, visible_devices: int | None = None) -> None:
         MASTER_ADDR=d.master_addr,
         MASTER_PORT=str(d.master_port),
     )
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+        # DeepSpeed reads it as a second LOCAL_RANK and asserts the two agree
+        # (runtime/engine.py _configure_with_arguments); MPI itself does not read it back.
+        os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(local)
     global _exported_node_local_rank
     _exported_node_local_rank = d.node_local_rank
 
