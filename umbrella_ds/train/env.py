@@ -134,12 +134,10 @@ class DeviceError(UserError):
 def gpus_allocated(environ: Mapping[str, str]) -> dict[str, str]:
     """The allocation variables that say GPUs were given to this process ({} when none)."""
     found = {}
-    cvd = environ.get("CUDA_VISIBLE_DEVICES")
-    if cvd is not None and cvd.strip().lower() not in _NO_DEVICES:
-        found["CUDA_VISIBLE_DEVICES"] = cvd
-    for name in ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS"):
+    for name in ALLOCATION_VARS:
         value = environ.get(name, "").strip()
-        if value and value != "0":
+        empty = _NO_DEVICES if name == "CUDA_VISIBLE_DEVICES" else ("", "0")
+        if value.lower() not in empty:
             found[name] = value
     return found
 
@@ -158,7 +156,7 @@ def choose_device(
     cuda_devices: int | None = None,
     recorded: bool = False,
 ) -> str:
-    """ "cuda" or "cpu" for ``requested`` (auto|cuda|cpu, set at ``key``), or a DeviceError.
+    """The device for ``requested`` (auto|cuda|cpu, set at ``key``): "cuda", "cpu" or a DeviceError.
 
     ``auto``: CUDA where GPUs are allocated or visible and usable, the CPU where there are none,
     a refusal where they are allocated or visible but CUDA cannot be used: a torch without CUDA,
