@@ -275,8 +275,8 @@ def run_case(case: dict, config: Path, root: Path, accelerator: str = "cuda") ->
     from benchmarks.common import bench_env, deepspeed_cmd, run_logged
 
     memory = root / f"{case['name']}.memory.json"
-    args = ["--rank-wrapper", str(memory), "--config", str(config), "--resume", "none",
-            "--set", f"train.device={accelerator}"]  # fmt: skip  (asked for: the rule's input)
+    args = ["--rank-wrapper", str(memory), "--config", str(config), "--resume", "none"]
+    args += ["--set", f"train.device={accelerator}"]  # asked for, never inferred (env.py)
     env = bench_env(DS_ACCELERATOR=accelerator)
     env.pop("OMP_NUM_THREADS", None)
     log = root / f"{case['name']}.log"
