@@ -436,6 +436,7 @@ def run_case(
 
     memory = root / f"{case['name']}.memory.json"
     args = ["--rank-wrapper", str(memory), "--config", str(config), "--resume", "none"]
+    args += ["--set", f"train.device={accelerator}"]  # asked for, never inferred (env.py)
     env = bench_env(DS_ACCELERATOR=accelerator, **(extra_env or {}))
     env.pop("OMP_NUM_THREADS", None)
     log = root / f"{case['name']}.log"

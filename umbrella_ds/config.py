@@ -133,6 +133,10 @@ class TrainConfig:
     # Where to train. auto: CUDA where GPUs are allocated or visible, the CPU where there are none.
     # A run-config key, not an environment variable, so CPU training cannot be inherited by accident.
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    # Deterministic kernels and the math SDPA backend (umbrella_ds/train/determinism.py): the
+    # same function at another rounding, slower; out of the fingerprint, so a run can be resumed
+    # with it switched on to chase a divergence.
+    deterministic: bool = False
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank, so the global batch survives a new world size."""
@@ -245,6 +249,7 @@ NOT_FINGERPRINTED: tuple[str, ...] = (
     "train.max_bad_steps",
     "train.collective_timeout_s",
     "train.device",
+    "train.deterministic",
     "data.shards",
     "data.train",
     "data.eval",

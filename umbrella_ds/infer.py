@@ -1,6 +1,7 @@
 """``umbrella-infer``: answers of a trained model for new, unpacked scans.
 
     umbrella-infer --model EXPORT_DIR --prompt TEXT --scan T1=sub-01_T1w.nii.gz [--scan ...] [--out FILE]
+                   [--device auto|cpu|cuda]
 
 Why it gives the answer evaluation would give: the export carries everything that shaped the
 training inputs (``export.json``: the preprocessing parameters the shards were packed with, the
@@ -16,7 +17,12 @@ this subject?"``). A prompt without ``<image>`` gets the images before it, in th
 number of scans is refused. rsfMRI is windowed as evaluation windows it (the run's
 ``data.windows``): one answer per window, and the majority answer when there are several.
 
-Errors are one line and exit status 2 (umbrella_ds/errors.py), early: a base model whose weights
+``--device`` follows the training rule (``train/env.py`` ``choose_device``): ``auto`` (the default)
+uses a GPU where there is one and the CPU where there is none, and refuses where GPUs are
+allocated but this torch cannot use them; ``cpu`` and ``cuda`` ask for one.
+
+Errors are one line and exit status 2 (umbrella_ds/errors.py), early: a device that cannot be
+used, a base model whose weights
 do not hash to what the export was trained on, an export without recorded preprocessing, a
 modality the model was not trained on, a preprocessing grid that does not match the model's
 input size, a scan packing would reject, a prompt whose placeholders do not match the scans.
@@ -168,12 +174,15 @@ def infer(
     *,
     base: str | None = None,
     max_new_tokens: int | None = None,
+    device: Any = None,
 ) -> dict[str, Any]:
-    """Answer ``prompt`` about ``scans`` with the exported model; returns the answer record."""
+    """Answer ``prompt`` about ``scans`` with the exported model (on ``device``, a torch.device;
+    default the CPU); returns the answer record."""
     import torch
 
     from umbrella_ds.config import DERIVED_MAX_NEW_TOKENS_CAP, config_from_dict
     from umbrella_ds.data import InstructionDataset, Renderer, collate_eval
+    from umbrella_ds.data.collate import to_device
     from umbrella_ds.data.template import template_of
     from umbrella_ds.model import greedy_generate, image_token_id
     from umbrella_ds.train.export import EXPORT_INFO, BaseMismatchError, load_trained
@@ -195,6 +204,8 @@ def infer(
     except BaseMismatchError as exc:
         raise InferError(str(exc)) from exc
     cast_like_deepspeed(model, cfg.train.bf16)  # the dtype evaluation ran in
+    device = torch.device("cpu") if device is None else device
+    model.to(device)
     tokens = {m: int(n) for m, n in info["tokens_per_image"].items()}
     template = template_of(model)  # the base model's, as training rendered with
     renderer = Renderer(
@@ -230,6 +241,7 @@ def infer(
                 image_token_id=image_token_id(model),
                 tokens_per_image=tokens,
             )
+            batch = to_device(batch, device)
             ids = greedy_generate(
                 model,
                 batch["prompt_ids"],
@@ -280,18 +292,29 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--out", default=None, help="also write the answer record (JSON) here")
     p.add_argument("--base", default=None, help="frozen base (preset or local dir), if moved")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval value")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto: a GPU where there is one, else the CPU (refused where GPUs are allocated but "
+        "this torch cannot use them)",
+    )
     add_debug_flag(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="umbrella-infer: %(message)s")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise InferError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    from umbrella_ds.train.env import apply_device_rule
+
+    device = apply_device_rule(args.device, "--device")
     from umbrella_ds.train.preflight import check_base
 
     check_base(args.base)
     scans = [parse_scan(s) for s in args.scan]
     result = infer(
-        args.model, args.prompt, scans, base=args.base, max_new_tokens=args.max_new_tokens
-    )
+        args.model, args.prompt, scans, base=args.base, max_new_tokens=args.max_new_tokens,
+        device=device,
+    )  # fmt: skip
     text = json.dumps(result, indent=1)
     if args.out:
         from umbrella_ds.io import atomic_write_text

@@ -81,7 +81,10 @@ def _derived_config(work: Path) -> None:
         "modalities": {"T1": {"size": [32, 32, 32], "patch": [8, 8, 8]}},
     }
     cfg["data"].update(shards="shards", num_workers=0)
+    # device: asked for, as on any CPU machine under the deepspeed launcher (its CPU ranks get
+    # CUDA_VISIBLE_DEVICES, which reads as allocated GPUs: umbrella_ds/train/env.py choose_device)
     cfg["train"].update(max_steps=4, global_batch=4, micro_batch=2, compile="none", warmup_steps=1)
+    cfg["train"]["device"] = "cpu"
     cfg["checkpoint"].update(every_steps=2)
     cfg["eval"].update(every_steps=2, max_samples=4)
     cfg["log"].update(tensorboard=False, progress=False)

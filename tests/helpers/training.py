@@ -35,6 +35,9 @@ def base_sets(data: Path, out: Path, **extra: Any) -> list[str]:
         "eval.at_end": "false",
         "train.warmup_steps": "3",
         "checkpoint.keep_last": "5",
+        # CPU training asked for, not inherited: under the deepspeed launcher (or a GPU node)
+        # CUDA_VISIBLE_DEVICES reads as allocated GPUs (umbrella_ds/train/env.py choose_device).
+        "train.device": "cpu",
     }
     sets.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in sets.items()]

@@ -146,7 +146,14 @@ def test_warmup_cosine_schedule():
 )  # fmt: skip
 def test_launcher_discovery(environ, expect):
     d = discover(environ)
-    assert (d.rank, d.world_size, d.local_rank, d.master_addr, d.master_port, d.launcher) == expect
+    assert (
+        d.rank,
+        d.world_size,
+        d.node_local_rank,
+        d.master_addr,
+        d.master_port,
+        d.launcher,
+    ) == expect
     if "SLURMD_NODENAME" in environ:
         assert d.slurm_node == "node2"
 

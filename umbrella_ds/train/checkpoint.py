@@ -21,6 +21,12 @@ save, then ``latest`` moves (tmp + os.replace), last, as nanotron does. The form
 checked on load. A step folder without ``meta.json`` is never trusted and is removed on the next
 save. Resuming on a different world size converts the checkpoint with DeepSpeed's
 ``ds_to_universal`` and loads it with ``checkpoint.load_universal``.
+
+Ranks agree before they act: what a decision reads from the file system ("is this step already
+saved?", "which checkpoint does ``--resume`` name?") is read by rank 0 and broadcast
+(``rank0_decides``). On a shared file system each node caches attributes (NFS ``actimeo``), so
+two ranks asking the same question can get two answers, and a rank that skips a save or a load
+leaves the others waiting in a collective until the timeout.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -55,6 +61,30 @@ META = "meta.json"
 LATEST = "latest"
 LOWER_IS_BETTER = ("loss", "mae")
 DIE_DURING_SAVE_ENV = "UMBRELLA_TEST_DIE_DURING_SAVE"
+
+
+T = TypeVar("T")
+
+
+def rank0_decides(decide: Callable[[], T]) -> T:
+    """``decide()`` as rank 0 answered it, on every rank (one object broadcast).
+
+    Rank 0's exception is raised on every rank too, so a refusal (a ``--resume`` path that is not
+    a checkpoint) ends every rank with the same error instead of leaving the others waiting.
+    Without a process group (one process, a unit test) ``decide`` simply runs here."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decide()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (True, decide())
+        except Exception as e:  # re-raised on every rank below
+            box[0] = (False, e)
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 class CheckpointError(RuntimeError):
@@ -195,10 +225,15 @@ class DeepSpeedState:
 
 class RankRng:
     """This rank's Python, NumPy and torch RNG streams (``rng-rank{r}.pt``). On another world
-    size there is no matching stream: each rank reseeds from (seed + step, rank)."""
+    size there is no matching stream: each rank reseeds from (seed + step, rank).
 
-    def __init__(self, rank: int) -> None:
+    ``device_slot``: where this rank's CUDA generator sat in the list of every visible device's
+    generators that RNG files written before the current-device format hold: the device index it
+    trained on then, which was its node-local rank."""
+
+    def __init__(self, rank: int, device_slot: int = 0) -> None:
         self.rank = rank
+        self.device_slot = device_slot
 
     def save(self, root: Path, tag: str) -> None:
         with atomic_path(root / tag / f"rng-rank{self.rank}.pt") as tmp:
@@ -207,7 +242,7 @@ class RankRng:
     def load(self, found: Found, same_world: bool) -> None:
         rng_file = found.path / f"rng-rank{self.rank}.pt"
         if same_world and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            set_rng_state(torch.load(rng_file, weights_only=True), self.device_slot)
         else:
             meta = found.meta
             seed_rng(int(meta["config"]["train"]["seed"]) + int(meta["step"]), self.rank)
@@ -255,7 +290,12 @@ def resolve(path: str | Path) -> Path:
 
 
 def find(resume: str, root: Path) -> Found | None:
-    """``--resume auto|none|PATH`` -> the checkpoint to load, or None for a fresh start."""
+    """``--resume auto|none|PATH`` -> the checkpoint to load, or None for a fresh start; under a
+    process group rank 0 looks and every rank gets its answer (``rank0_decides``)."""
+    return rank0_decides(lambda: _find(resume, root))
+
+
+def _find(resume: str, root: Path) -> Found | None:
     if resume == "none":
         return None
     if resume == "auto":
@@ -289,6 +329,9 @@ def check_fingerprints(
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's streams. CUDA: the current device's generator only (the one this rank
+    draws from), so a process that sees fewer devices on resume (per-task GPU binding) still
+    loads it; earlier files hold every visible device's (``set_rng_state`` reads both)."""
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -296,18 +339,29 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # the current device's
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device_slot: int = 0) -> None:
+    """Restore ``rng_state()``'s streams. A ``cuda`` entry that is a list (files written before
+    the current-device format: one generator per visible device) restores its ``device_slot``
+    entry, the device that rank used, into the current device."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):
+            if not 0 <= device_slot < len(cuda):
+                raise CheckpointError(
+                    f"RNG state holds {len(cuda)} CUDA generators; this rank's was number "
+                    f"{device_slot}"
+                )
+            cuda = cuda[device_slot]
+        torch.cuda.set_rng_state(cuda)
 
 
 def seed_rng(seed: int, rank: int) -> None:
@@ -346,7 +400,7 @@ class Checkpointer:
         """Every rank calls this; returns the step folder once ``latest`` names it."""
         tag = step_tag(step)
         step_dir = self.root / tag
-        if (step_dir / META).is_file():
+        if rank0_decides((step_dir / META).is_file):
             return step_dir  # already complete (e.g. a signal right after a periodic save)
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from umbrella_ds.train import checkpoint as ckpt
 from umbrella_ds.train import ds_setup, env, factory, signals
 from umbrella_ds.train.base_weights import check_same_base
 from umbrella_ds.train.compile import compile_blocks
+from umbrella_ds.train.determinism import enable_deterministic
 from umbrella_ds.train.evaluate import evaluate
 from umbrella_ds.train.inputs import Inputs, build_inputs, data_fingerprint, train_loader
 from umbrella_ds.train.preflight import check_keep_best_task
@@ -61,8 +62,11 @@ class LossModule(nn.Module):
 
 def run(cfg: RunConfig, resume: str = "auto", allow_fingerprint_mismatch: bool = False) -> int:
     signals.install()
+    env.apply_device_rule(cfg.train.device)  # refuses before anything is built
     denv = env.discover()
     _setup_logging(denv.rank)
+    if cfg.train.deterministic:
+        enable_deterministic()
     env.init_distributed(denv, cfg.train.collective_timeout_s)
     try:
         return _run(cfg, denv, resume, allow_fingerprint_mismatch)
@@ -167,7 +171,7 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
         global_batch_size=cfg.train.global_batch,
     )
     train_state = ckpt.TrainState()
-    parts = checkpoint_parts(cfg, engine, sched, sampler, train_state, fingerprints, base, rank)
+    parts = checkpoint_parts(cfg, engine, sched, sampler, train_state, fingerprints, base, denv)
     checkpointer = ckpt.Checkpointer(cfg.checkpoint, out / "checkpoints", rank, world, parts)
     return Run(
         cfg, denv, env.device_for(denv), found, fingerprints, model, built.tokenizer, inputs,
@@ -176,13 +180,13 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
 
 
 def checkpoint_parts(
-    cfg: RunConfig, engine, sched, sampler, train_state, fingerprints, base, rank: int
+    cfg: RunConfig, engine, sched, sampler, train_state, fingerprints, base, denv: env.DistEnv
 ) -> ckpt.Parts:
     """What a checkpoint holds, one line a part (names are meta.json keys or file groups)."""
     return ckpt.Parts(
         files={
             "model_and_optimizer": ckpt.DeepSpeedState(engine),  # trainable weights + optimizer
-            "rng": ckpt.RankRng(rank),
+            "rng": ckpt.RankRng(denv.rank, device_slot=denv.node_local_rank),
         },
         state={
             "step": train_state,

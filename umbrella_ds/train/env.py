@@ -1,9 +1,23 @@
-"""Where this process sits in the job: rank, world size, local rank and master, from any launcher.
+"""Where this process sits in the job and which device it trains on, from any launcher.
 
 DeepSpeed and torch.distributed read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/
 ``MASTER_PORT``. The deepspeed launcher and torchrun set them; srun and mpirun do not, so their
 variables are mapped here before the process group starts (otherwise DeepSpeed falls back to its own
 MPI discovery, or every rank believes it is rank 0).
+
+``LOCAL_RANK`` is the *device index* to DeepSpeed, not a rank: the engine calls
+``set_device(LOCAL_RANK)`` (runtime/engine.py), ``zero.Init`` puts partitions on
+``device_name(LOCAL_RANK)`` (runtime/zero/partition_parameters.py), ``init_process_group`` binds
+``device_id=device(LOCAL_RANK)`` (comm/torch.py), and ``comm.get_local_rank`` is documented as
+"local rank (= GPU device ID)"; its one other use, ``use_node_local_storage``, we leave off. Under
+per-task GPU binding (``srun --gpus-per-task=1``, a site ``--gpu-bind``) each process sees fewer
+devices than there are ranks on the node, so the node-local rank is not a valid index. Hence
+``LOCAL_RANK`` is exported as node-local rank modulo the visible device count, and the true
+node-local rank stays on ``DistEnv.node_local_rank`` for per-node work (a second ``discover`` in
+the same process reads it back from ``export``, not from the rewritten ``LOCAL_RANK``).
+
+The device rule (``choose_device``, docs/OPERATIONS.md "Choosing the device") is applied once by
+every entry point that builds a model, before DeepSpeed picks its accelerator.
 """
 
 from __future__ import annotations
@@ -16,17 +30,23 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from umbrella_ds.errors import UserError
+
+# The true node-local rank once ``export`` has rewritten LOCAL_RANK to the device index.
+_exported_node_local_rank: int | None = None
 
 
 @dataclass(frozen=True)
 class DistEnv:
     rank: int
     world_size: int
-    local_rank: int
+    node_local_rank: int  # this rank's position among the ranks of its node (per-node work)
     master_addr: str
     master_port: int
     launcher: str  # deepspeed/torchrun | srun | mpirun | single
@@ -37,15 +57,22 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def device_index(self, visible: int) -> int:
+        """The CUDA device this rank uses among the ``visible`` ones: its node-local rank modulo
+        their count, so ``--gpus-per-task=1`` (one visible device per rank) gives 0 for all."""
+        return self.node_local_rank % visible if visible > 0 else 0
+
 
 def discover(environ: dict[str, str] | None = None) -> DistEnv:
     """Read the launcher's variables; does not modify the environment (see ``export``)."""
     env = dict(os.environ if environ is None else environ)
+    exported = _exported_node_local_rank if environ is None else None
     host = socket.gethostname()
     slurm_node = env.get("SLURMD_NODENAME")
     if "RANK" in env and "WORLD_SIZE" in env:
         launcher = "deepspeed/torchrun"
-        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = exported if exported is not None else int(env.get("LOCAL_RANK", 0))
         addr = env.get("MASTER_ADDR", "127.0.0.1")
         port = int(env.get("MASTER_PORT", 29500))
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
@@ -68,15 +95,125 @@ def discover(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv(rank, world, local, addr, port, launcher, host, slurm_node)
 
 
-def export(d: DistEnv) -> None:
-    """Publish the discovered values under the names torch.distributed and DeepSpeed read."""
+def export(d: DistEnv, visible_devices: int | None = None) -> None:
+    """Publish the discovered values under the names torch.distributed and DeepSpeed read.
+
+    With ``visible_devices`` (a CUDA run) ``LOCAL_RANK`` is the device index, else the node-local
+    rank (the CPU accelerator ignores it)."""
+    local = d.node_local_rank if visible_devices is None else d.device_index(visible_devices)
     os.environ.update(
         RANK=str(d.rank),
         WORLD_SIZE=str(d.world_size),
-        LOCAL_RANK=str(d.local_rank),
+        LOCAL_RANK=str(local),
         MASTER_ADDR=d.master_addr,
         MASTER_PORT=str(d.master_port),
     )
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+        # DeepSpeed reads it as a second LOCAL_RANK and asserts the two agree
+        # (runtime/engine.py _configure_with_arguments); MPI itself does not read it back.
+        os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(local)
+    global _exported_node_local_rank
+    _exported_node_local_rank = d.node_local_rank
+
+
+# ---------------------------------------------------------------- the device rule
+
+DEVICES = ("auto", "cuda", "cpu")
+# What says GPUs were allocated to this process (docs/OPERATIONS.md "Choosing the device").
+ALLOCATION_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS")
+# CUDA_VISIBLE_DEVICES values that name no device (empty hides all; Slurm writes NoDevFiles for a
+# GRES without device files).
+_NO_DEVICES = ("", "-1", "none", "nodevfiles")
+
+
+class DeviceError(UserError):
+    """The requested device cannot be used here, or GPUs were allocated and CUDA cannot use them
+    (exit status 2, one line naming the torch build and the variables found)."""
+
+
+def gpus_allocated(environ: Mapping[str, str]) -> dict[str, str]:
+    """The allocation variables that say GPUs were given to this process ({} when none)."""
+    found = {}
+    for name in ALLOCATION_VARS:
+        value = environ.get(name, "").strip()
+        empty = _NO_DEVICES if name == "CUDA_VISIBLE_DEVICES" else ("", "0")
+        if value.lower() not in empty:
+            found[name] = value
+    return found
+
+
+def torch_build() -> str:
+    """``torch 2.x (CUDA 12.4)`` or ``torch 2.x+cpu (no CUDA build)``."""
+    cuda = torch.version.cuda
+    return f"torch {torch.__version__} ({f'CUDA {cuda}' if cuda else 'no CUDA build'})"
+
+
+def choose_device(
+    requested: str,
+    key: str,
+    environ: Mapping[str, str] | None = None,
+    *,
+    cuda_devices: int | None = None,
+    recorded: bool = False,
+) -> str:
+    """The device for ``requested`` (auto|cuda|cpu, set at ``key``): "cuda", "cpu" or a DeviceError.
+
+    ``auto``: CUDA where GPUs are allocated or visible and usable, the CPU where there are none,
+    a refusal where they are allocated or visible but CUDA cannot be used: a torch without CUDA,
+    or an inherited ``DS_ACCELERATOR=cpu``, which alone does not count as asking for the CPU (it
+    is exported by our Makefile, test helpers and many shell profiles). ``cpu`` trains on the CPU
+    whatever is allocated; ``cuda`` without usable CUDA is refused. ``cuda_devices``: the visible
+    device count (tests; default ``torch.cuda.device_count()`` when CUDA is available).
+    ``recorded``: ``requested`` comes from a checkpoint's run config (eval, export), which the user
+    cannot set, so the refusal says what they can do instead.
+    """
+    env = os.environ if environ is None else environ
+    if requested not in DEVICES:
+        raise DeviceError(f"{key}: {requested!r} is not one of {', '.join(DEVICES)}")
+    if requested == "cpu":
+        return "cpu"
+    if cuda_devices is None:
+        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    ds_cpu = env.get("DS_ACCELERATOR", "").strip().lower() == "cpu"
+    if cuda_devices > 0 and not ds_cpu:
+        return "cuda"
+    allocated = gpus_allocated(env)
+    if requested == "auto" and not allocated and not cuda_devices:
+        return "cpu"
+    found = [f"{k}={v}" for k, v in allocated.items()]
+    found += [f"{cuda_devices} CUDA device(s) visible to torch"] if cuda_devices else []
+    found += ["DS_ACCELERATOR=cpu (inherited: not a request for the CPU)"] if ds_cpu else []
+    why = "CUDA requested" if requested == "cuda" else (
+        "GPUs allocated" if allocated else "GPUs visible")  # fmt: skip
+    raise DeviceError(
+        f"{key}={requested}: {why}, but this process cannot use CUDA; found {torch_build()}, "
+        f"{', '.join(found) if found else 'no CUDA device'}. "
+        + ("Run it where no GPUs are allocated" if recorded
+           else f"Train on the CPU deliberately with {key}=cpu")
+        + f", or use a CUDA build of torch{' and unset DS_ACCELERATOR' if ds_cpu else ''}"
+    )  # fmt: skip
+
+
+def apply_device_rule(
+    requested: str, key: str = "train.device", *, recorded: bool = False
+) -> torch.device:
+    """Choose the device (``choose_device``) and make DeepSpeed agree, before anything builds.
+
+    DeepSpeed picks its accelerator once, at the first ``get_accelerator()``, from
+    ``DS_ACCELERATOR`` or else by probing torch (deepspeed/accelerator/real_accelerator.py), so
+    the choice is written there; ``on_cpu`` and the other readers then agree with it."""
+    device = choose_device(requested, key, recorded=recorded)
+    os.environ["DS_ACCELERATOR"] = device
+    import sys
+
+    real = sys.modules.get("deepspeed.accelerator.real_accelerator")
+    chosen = getattr(real, "ds_accelerator", None)
+    if chosen is not None and chosen.device_name() != device:
+        raise RuntimeError(
+            f"DeepSpeed chose its {chosen.device_name()} accelerator before the device rule "
+            f"chose {device}: apply_device_rule must run before DeepSpeed is used"
+        )
+    return torch.device(device)
 
 
 def on_cpu() -> bool:
@@ -86,23 +223,25 @@ def on_cpu() -> bool:
 def device_for(d: DistEnv) -> torch.device:
     if on_cpu():
         return torch.device("cpu")
-    torch.cuda.set_device(d.local_rank)
-    return torch.device("cuda", d.local_rank)
+    index = d.device_index(torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def init_distributed(d: DistEnv, timeout_s: int) -> None:
     """Start the process group through DeepSpeed: gloo on CPU, nccl on GPU, the config's timeout."""
+    cuda = not on_cpu()
+    export(d, torch.cuda.device_count() if cuda else None)  # before DeepSpeed reads LOCAL_RANK
     import deepspeed
 
-    export(d)
-    if not on_cpu():
+    if cuda:
         # before any collective: NCCL's object collectives (watch_local_peers below) and barriers
         # use the current device, and two ranks of one node on cuda:0 fail as duplicate GPUs
-        torch.cuda.set_device(d.local_rank)
+        device_for(d)
     timeout = datetime.timedelta(seconds=timeout_s)
     set_default_group_timeout(timeout)
     deepspeed.init_distributed(
-        dist_backend="gloo" if on_cpu() else "nccl",
+        dist_backend="nccl" if cuda else "gloo",
         auto_mpi_discovery=False,
         timeout=timeout,
         rank=d.rank,

@@ -202,6 +202,9 @@ def run(args: argparse.Namespace) -> int:
     from umbrella_ds.train.preflight import check_base, check_shards
 
     src = resolve_source(args.checkpoint)
+    env.apply_device_rule(
+        src.config.train.device, "train.device (of the evaluated run)", recorded=True
+    )
     check_base(args.base)
     for name in ("max_new_tokens", "micro_batch", "max_samples"):
         value = getattr(args, name)

@@ -222,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     from umbrella_ds.config import config_from_dict
     from umbrella_ds.errors import add_debug_flag
+    from umbrella_ds.train import env
     from umbrella_ds.train.checkpoint import read_meta, resolve
     from umbrella_ds.train.preflight import check_shards
 
@@ -239,6 +240,7 @@ def _main(argv: Sequence[str] | None) -> int:
     # The user's paths first, each a one-line error naming it: the checkpoint, then the shards
     # whose preprocessing the export records.
     cfg = config_from_dict(read_meta(resolve(args.ckpt))["config"])
+    env.apply_device_rule(cfg.train.device, "train.device (of the exported run)", recorded=True)
     if args.shards is not None:
         check_shards(args.shards, "--shards")
     else:

@@ -37,6 +37,7 @@ import torch
 from umbrella_ds.config import RunConfig
 from umbrella_ds.data.collate import to_device
 from umbrella_ds.model import image_token_id, model_forward_loss, num_image_tokens
+from umbrella_ds.train import env
 
 GIB = 1024**3
 # GPU headroom on top of the reserved peak, read from the sources (no device was available to
@@ -277,8 +278,7 @@ def find_micro_batch(
 ) -> tuple[Trial | None, list[Trial]]:
     """(largest fitting trial or None, every trial in the order run)."""
     if device is None:
-        cpu = os.environ.get("DS_ACCELERATOR", "").lower() == "cpu"
-        device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+        device = env.apply_device_rule(cfg.train.device)
     if device.type == "cpu":
         _return_freed_memory_to_os()
     torch.manual_seed(cfg.train.seed)
