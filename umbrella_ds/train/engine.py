@@ -153,7 +153,7 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
             log.info("train.compile=blocks: compiled %d transformer blocks", n_blocks)
     inputs = build_inputs(
         cfg.data, cfg.model, model, built.tokenizer, cfg.train.seed,
-        local_rank=denv.local_rank, progress=cfg.log.progress,
+        local_rank=denv.node_local_rank, progress=cfg.log.progress,
     )  # fmt: skip
     check_keep_best_task(cfg, inputs)
     ck = cfg.model.checkpointing
