@@ -92,7 +92,7 @@ def build(
     )
 
 
-def _zero3_access(params, index: int):
+def gathered_for_init(params, index: int):
     """Seeded init under ZeRO-3: gather a module's partitions; one rank writes them (round-robin
     over modules, so the drawing is shared) and DeepSpeed scatters its values on exit."""
     import deepspeed
@@ -123,7 +123,7 @@ def build_for_run(cfg: RunConfig, ds_cfg: dict[str, Any] | None = None) -> Built
         def zero3_init():
             return deepspeed.zero.Init(config_dict_or_path=ds_cfg)
 
-        zero3_access = _zero3_access
+        zero3_access = gathered_for_init
 
     loading = (
         ds_setup.zero3_pretrained_loading(ds_cfg)  # type: ignore[arg-type]
