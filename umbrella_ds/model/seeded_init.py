@@ -62,11 +62,31 @@ def tensor_seed(seed: int, name: str) -> int:
 class _Draws:
     """Patched init functions: a random draw into a known parameter comes from its own stream."""
 
-    def __init__(self, seed: int, names: dict[int, str]) -> None:
+    def __init__(
+        self, seed: int, names: dict[int, str], last: dict[str, tuple[int, int]] | None = None
+    ) -> None:
         self.seed = seed
         self.names = names  # id(parameter) -> canonical name
         self.written: set[int] = set()  # ids of the parameters some rule wrote in this process
         self.guarded = {f: getattr(hf_init, f) for f in hf_init.TORCH_INIT_FUNCTIONS}
+        # (module index, write number within that module's rule) of each parameter's last full
+        # write: the earlier ones are overwritten, so they are skipped (see _last_writes)
+        self.last = last
+        self.module = -1
+        self.seen: dict[str, int] = {}
+
+    def start_module(self, index: int) -> None:
+        self.module, self.seen = index, {}
+
+    def superseded(self, tensor: torch.Tensor) -> bool:
+        """Whether this write to a whole parameter is overwritten later (so need not run)."""
+        name = self.names.get(id(tensor))
+        if name is None:
+            return False  # a slice (a padding row) or a buffer: always written
+        self.seen[name] = self.seen.get(name, 0) + 1
+        if self.last is None:
+            return False
+        return self.last.get(name) != (self.module, self.seen[name])
 
     def record(self, fn_name: str) -> Callable:
         """A non-random init function (guarded, as transformers' own), noting what it wrote."""
@@ -74,6 +94,8 @@ class _Draws:
 
         def write(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             self.written.add(id(tensor))
+            if self.superseded(tensor):
+                return tensor
             return guarded(tensor, *args, **kwargs)
 
         return write
@@ -84,6 +106,9 @@ class _Draws:
         def draw(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             if getattr(tensor, "_is_hf_initialized", False):
                 return tensor  # transformers' guard: a loaded or tied tensor stays
+            if self.superseded(tensor):
+                self.written.add(id(tensor))
+                return tensor
             name = self.names.get(id(tensor))
             if name is None:
                 raise RuntimeError(
@@ -158,11 +183,12 @@ def init_by_name(model: PreTrainedModel, seed: int, access: Access = whole_acces
     whatever its construction left (device- and order-dependent), so that is an error.
     """
     names = {id(p): n for n, p in model.named_parameters()}
-    draws = _Draws(seed, names)
+    draws = _Draws(seed, names, _last_writes(model))
     elsewhere: set[int] = set()  # written by another rank (ZeRO-3): that rank checks them
     is_remote_code = model.is_remote_code()
     with torch.no_grad(), draws.patched():
         for index, (module, rule) in enumerate(_rule_order(model)):
+            draws.start_module(index)
             params = _touched(module)
             if not params:
                 rule(module, is_remote_code)
@@ -175,3 +201,41 @@ def init_by_name(model: PreTrainedModel, seed: int, access: Access = whole_acces
     missing = sorted(n for i, n in names.items() if i not in draws.written | elsewhere)
     if missing:
         raise RuntimeError(f"seeded init: no module's init rule covers {missing}")
+
+
+def _last_writes(model: PreTrainedModel) -> dict[str, tuple[int, int]]:
+    """Where each parameter's last whole write happens: (module index, write number in that
+    module's rule), found by running the rules with recording no-ops on a meta-device twin.
+
+    Why: rules overwrite each other (a SigLIP Linear gets the generic `lecun_normal_`, then its
+    attention module's `xavier_uniform_`), and each draw restarts the parameter's own stream, so
+    only the last write decides the value. Skipping the others skips SigLIP's truncated normals,
+    the slowest draws of the build (most of the 0.5B preset's init time). The twin has the
+    model's names and rules and no storage; the real model may be partitioned."""
+    from transformers.initialization import no_init_weights
+
+    with torch.device("meta"), no_init_weights():
+        twin = type(model)._from_config(model.config)
+    twin.tie_weights()
+    names = {id(p): n for n, p in twin.named_parameters()}
+    dry = _Draws(0, names)
+    last: dict[str, tuple[int, int]] = {}
+
+    def note(fn_name: str) -> Callable:
+        def write(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            dry.superseded(tensor)  # counts the write
+            name = names.get(id(tensor))
+            if name is not None:
+                last[name] = (dry.module, dry.seen[name])
+            return tensor
+
+        return write
+
+    dry.wrap = note  # type: ignore[method-assign]
+    dry.record = note  # type: ignore[method-assign]
+    is_remote_code = twin.is_remote_code()
+    with torch.no_grad(), dry.patched():
+        for index, (module, rule) in enumerate(_rule_order(twin)):
+            dry.start_module(index)
+            rule(module, is_remote_code)
+    return last
