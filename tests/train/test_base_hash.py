@@ -134,3 +134,14 @@ def test_a_directory_without_a_tokenizer_cannot_train(tmp_path):
 
     (tmp_path / "config.json").write_text("{}")
     assert "holds no tokenizer" in tokenizer_problem(str(tmp_path))
+
+
+def test_skipping_overwritten_draws_changes_no_value(monkeypatch):
+    """Only the last write of each parameter is drawn (seeded_init._last_writes); running every
+    write instead gives the same base."""
+    from umbrella_ds.model import seeded_init
+
+    skipped, _ = build_model("tiny", seed=0)
+    monkeypatch.setattr(seeded_init, "_last_writes", lambda model: None)
+    every, _ = build_model("tiny", seed=0)
+    assert base_hash(skipped) == base_hash(every)
