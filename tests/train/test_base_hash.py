@@ -145,3 +145,20 @@ def test_skipping_overwritten_draws_changes_no_value(monkeypatch):
     monkeypatch.setattr(seeded_init, "_last_writes", lambda model: None)
     every, _ = build_model("tiny", seed=0)
     assert base_hash(skipped) == base_hash(every)
+
+
+def test_legacy_export_info_rebuilds_its_base():
+    """An export.json written before seeded init (top-level init_path, no schemes) still loads."""
+    meta = json.loads(GOLDEN.read_text())
+    info = {
+        "base": {"preset": "tiny", "path": None, "weights_sha256": meta["base"]["weights_sha256"]},
+        "init": None,
+        "init_path": "whole",
+        "seed": 0,
+        "modalities": meta["config"]["model"]["modalities"],
+        "run_config": meta["config"],
+    }
+    factory.rebuild_for_export(info, None, torch.float32, what="old-export")
+    info["base"]["weights_sha256"] = "0" * 64
+    with pytest.raises(BaseMismatchError):
+        factory.rebuild_for_export(info, None, torch.float32, what="old-export")
