@@ -50,6 +50,7 @@ def _pretrained_worker(out_dir: Path, source: Path) -> None:
 
     from umbrella_ds.model import build_model
     from umbrella_ds.train import ds_setup
+    from umbrella_ds.train.factory import gathered_for_init
 
     rank, ds_config = _start_rank()
     with ds_setup.zero3_pretrained_loading(ds_config):
@@ -59,6 +60,7 @@ def _pretrained_worker(out_dir: Path, source: Path) -> None:
             init="pretrained",
             modalities=T1_ONLY,
             zero3_init=lambda: deepspeed.zero.Init(config_dict_or_path=ds_config),
+            zero3_access=gathered_for_init,
         )
     params = dict(model.named_parameters())
     plain = sorted(n for n, p in params.items() if not hasattr(p, "ds_numel"))
@@ -100,14 +102,18 @@ def _worker(out_dir: Path) -> None:
         model_forward_loss,
         num_image_tokens,
     )
+    from umbrella_ds.train.base_weights import base_hash
+    from umbrella_ds.train.factory import gathered_for_init
 
     rank, ds_config = _start_rank()
     model, _ = build_model(
         "small",
         seed=0,
         zero3_init=lambda: deepspeed.zero.Init(config_dict_or_path=ds_config),
+        zero3_access=gathered_for_init,
         activation_checkpointing=(True, True),
     )
+    base = base_hash(model)  # every rank together; rank 0 hashes
     params = list(model.named_parameters())
     plain = [n for n, p in params if not hasattr(p, "ds_numel")]
     assert not plain, f"not partitioned: {plain}"
@@ -120,6 +126,7 @@ def _worker(out_dir: Path) -> None:
             return {n: p.detach().clone() for n, p in params}
 
     before = snapshot()
+    patch_before = {n: before[n].tolist() for n in patch_names}
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=torch.optim.AdamW(trainable, lr=1e-2), config=ds_config
@@ -164,6 +171,8 @@ def _worker(out_dir: Path) -> None:
                         n for n, _ in find_patch_embed(engine.module).named_parameters()
                     ),
                     "loss": float(loss),
+                    "base": base,
+                    "patch_before": patch_before,
                 }
             )
         )
@@ -191,6 +200,17 @@ def test_zero3_partitioned_build_trains_only_patch_embedding(tmp_path, repo_root
     assert set(res["changed"]) == set(res["patch"]), res["changed"]
     assert len(res["patch"]) == len(res["patch_is_module"]) == 6  # weight, bias, pos per modality
     assert any("rsfMRI" in n for n in res["changed"])  # rank 1's rsfMRI gradient reached everyone
+    # seeded init: the partitioned 2-rank build is the one-process build, base and patch embedding
+    import torch
+
+    from umbrella_ds.model import build_model
+    from umbrella_ds.train.base_weights import base_hash
+
+    whole, _ = build_model("small", seed=0)
+    assert res["base"] == base_hash(whole)
+    for name, p in whole.named_parameters():
+        if name in res["patch_before"]:
+            assert torch.equal(p, torch.tensor(res["patch_before"][name])), name
 
 
 def _save_unpatched_small(path: Path) -> None:

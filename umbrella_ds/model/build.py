@@ -28,7 +28,6 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 from transformers.integrations.deepspeed import (
-    initialize_weights_zero3,
     is_deepspeed_zero3_enabled,
     prevent_arange_dtype_change,
 )
@@ -40,13 +39,17 @@ from umbrella_ds.model.llava import (
     freeze_all_but_patch_embed,
     parameter_table,
     splice_patch_embed,
+    vision_transformer,
 )
-from umbrella_ds.model.patch_embed import ModalitySpec, parse_modalities
+from umbrella_ds.model.patch_embed import ModalitySpec, MRIPatchEmbed, parse_modalities
 from umbrella_ds.model.presets import get_preset, list_presets
+from umbrella_ds.model.seeded_init import Access, init_by_name, whole_access
 
 log = logging.getLogger(__name__)
-InitPath = Literal["whole", "zero3"]
-PATCH_EMBED_STREAM = 7919  # seed offset of the patch embedding's initialisation (see build_model)
+InitPath = Literal["whole", "zero3"]  # how a legacy (pre-seeded-init) random base was drawn
+PATCH_EMBED_STREAM = (
+    7919  # seed offset of the patch embedding's initialisation (_patch_embed_values)
+)
 
 # Modalities used when a local directory does not record its own (config.mri_modalities).
 DEFAULT_MODALITIES = {
@@ -79,10 +82,11 @@ def build_model(
     init: Literal["random", "pretrained"] | None = None,
     dtype: torch.dtype = torch.float32,
     zero3_init: Callable[[], AbstractContextManager] | None = None,
+    zero3_access: Access | None = None,
     activation_checkpointing: tuple[bool, bool] = (False, False),
     seed: int | None = None,
     attn_implementation: str = "sdpa",
-    init_path: InitPath = "whole",
+    legacy_init_path: InitPath | None = None,
 ) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase | None]:
     """Build the patched LLaVA and its tokenizer.
 
@@ -93,21 +97,31 @@ def build_model(
         `config.mri_modalities`, else DEFAULT_MODALITIES.
     zero3_init: factory of the context that constructs modules partitioned (deepspeed.zero.Init);
         the spliced patch embedding is created inside it too.
+    zero3_access: with zero3_init, how the seeded init reaches partitioned parameters
+        (`seeded_init.Access`: gather them, and say which rank writes).
     activation_checkpointing: (vision tower, language model), non-reentrant.
-    seed: seeds the random initialisation without touching the caller's global RNG state.
-    init_path: how a random init draws the frozen base. "whole" is transformers' ordinary path;
-        "zero3" is the path a partitioned build takes (modules constructed without init, then
-        initialised module by module, as `initialize_weights_zero3` does on rank 0), which draws
-        other values from the same seed. `zero3_init` implies "zero3"; passing it without
-        DeepSpeed rebuilds, on one process, the base a ZeRO-3 run trained on (export, eval).
+    seed: seeds the random initialisation (`seeded_init`: each tensor from (seed, its name)) and
+        the patch embedding's, without touching the caller's RNG state; None draws one from it.
+    legacy_init_path: rebuild, on one process, a base drawn before seeded init by the path it was
+        drawn ("whole": transformers' ordinary init; "zero3": its module-by-module ZeRO-3 init
+        replayed). Read-only: for checkpoints and exports written before; never for training.
 
-    Returns (model, tokenizer). The tokenizer is None for real architectures built randomly
-    from a preset (their tokenizer ships with their weights; benchmarks feed token ids).
+    Returns (model, tokenizer). The tokenizer is None for a local directory without tokenizer
+    files (real presets ship a stand-in of their vocabulary size, see presets.py).
     """
     kind, path = _resolve(source)
     init = init or ("random" if kind == "preset" else "pretrained")
     if init not in ("random", "pretrained"):
         raise ValueError(f"init must be 'random' or 'pretrained', got {init!r}")
+    if legacy_init_path is not None and (
+        legacy_init_path not in ("whole", "zero3") or zero3_init is not None or seed is None
+    ):
+        raise ValueError(
+            f"legacy_init_path={legacy_init_path!r} rebuilds a recorded base on one process: "
+            "'whole' or 'zero3', with its seed, without zero3_init"
+        )
+    if zero3_init is not None and zero3_access is None:
+        raise ValueError("zero3_init needs zero3_access (how the init reaches the partitions)")
     tokenizer: PreTrainedTokenizerBase | None = None
     if kind == "preset":
         if init == "pretrained":
@@ -117,15 +131,12 @@ def build_model(
         preset = get_preset(source)
         config = preset.make_config()
         default_mods = preset.modalities
-        if preset.tokenizer_dir is not None:
-            tokenizer = _load_tokenizer(preset.tokenizer_dir)
-        else:
-            log.info("preset %s ships no tokenizer: returning tokenizer=None", source)
+        tokenizer = preset.load_tokenizer()
     else:
         assert path is not None
         config = LlavaConfig.from_pretrained(str(path), local_files_only=True)
         default_mods = getattr(config, "mri_modalities", None) or DEFAULT_MODALITIES
-        if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        if has_tokenizer_files(path):
             tokenizer = _load_tokenizer(path)
         else:
             log.warning("%s has no tokenizer files: returning tokenizer=None", path)
@@ -148,22 +159,19 @@ def build_model(
     log.info("image tokens:\n%s", "\n".join(s.describe(m) for m, s in mods.items()))
     config._attn_implementation = attn_implementation  # read by from_pretrained/_from_config
 
-    # HF partitions by itself when a HfDeepSpeedConfig is alive; otherwise, for a random init
-    # under our zero3_init, do what HF does: skip per-module init on the (empty) partitions,
-    # then initialise module by module on gathered parameters.
-    manual_zero3 = zero3_init is not None and init == "random" and not is_deepspeed_zero3_enabled()
-    if init_path not in ("whole", "zero3"):
-        raise ValueError(f"init_path must be 'whole' or 'zero3', got {init_path!r}")
-    replay_zero3 = init == "random" and init_path == "zero3" and zero3_init is None
-    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-    with rng:
-        if seed is not None:
-            torch.manual_seed(seed)
+    if seed is None:  # a seed from the caller's RNG: unseeded builds still differ run to run
+        seed = int(torch.randint(0, 2**62, ()))
+    access = zero3_access or whole_access
+    if legacy_init_path is not None and init == "random":
+        model = _legacy_random_base(config, dtype, seed, legacy_init_path)
+    else:
+        # HF partitions by itself when a HfDeepSpeedConfig is alive (pretrained under ZeRO-3).
         with contextlib.ExitStack() as stack:
-            if manual_zero3 or replay_zero3:
-                stack.enter_context(no_init_weights())
-                stack.enter_context(prevent_arange_dtype_change())
-            if zero3_init is not None and (manual_zero3 or init == "random"):
+            if init == "random":
+                stack.enter_context(no_init_weights())  # drawn below, by name
+                if zero3_init is not None:
+                    stack.enter_context(prevent_arange_dtype_change())
+            if zero3_init is not None and (init == "random" or not is_deepspeed_zero3_enabled()):
                 stack.enter_context(zero3_init())
             if init == "pretrained":
                 model = LlavaForConditionalGeneration.from_pretrained(
@@ -175,19 +183,10 @@ def build_model(
                 )
             else:
                 model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-        if manual_zero3:
-            initialize_weights_zero3(model)
-        elif replay_zero3:
-            _initialize_weights_as_zero3(model)
-        if seed is not None:
-            # The trainable initialisation depends on the seed alone, not on how many random
-            # numbers building the base model drew (that differs between loading whole and
-            # loading into ZeRO-3 partitions, or random and pretrained init). A stream of its
-            # own: reseeding with `seed` itself repeated the base model's first draws, and the
-            # demo then did not learn (held-out accuracy 0.54, against 0.80 and 0.83 otherwise).
-            torch.manual_seed(seed + PATCH_EMBED_STREAM)
-        with zero3_init() if zero3_init is not None else contextlib.nullcontext():
-            splice_patch_embed(model, mods)
+        if init == "random":
+            model.tie_weights()  # post_init ties only when it also initialises
+            init_by_name(model, seed, access)
+    _splice_seeded_patch_embed(model, mods, seed, zero3_init, access)
     freeze_all_but_patch_embed(model)
     if any(activation_checkpointing):
         enable_activation_checkpointing(model, *activation_checkpointing)
@@ -196,15 +195,80 @@ def build_model(
     return model, tokenizer
 
 
+def has_tokenizer_files(path: Path) -> bool:
+    """Whether a local model directory holds a tokenizer (training needs one)."""
+    return (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()
+
+
+def tokenizer_problem(source: str) -> str | None:
+    """Why `source` has no tokenizer to train with (checked before anything is built), or None."""
+    kind, path = _resolve(source)
+    if kind == "preset":
+        preset = get_preset(source)
+        if preset.tokenizer_dir is None and preset.stand_in is None:
+            return f"preset {source!r} ships no tokenizer (nor a stand_in_tokenizer); training needs one"
+        return None
+    assert path is not None
+    if not has_tokenizer_files(path):
+        return f"{path} holds no tokenizer (tokenizer.json / tokenizer_config.json); training needs one"
+    return None
+
+
+def _patch_embed_values(
+    mods: Mapping[str, ModalitySpec], width: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """The patch embedding's initial values: MRIPatchEmbed's own init rules, drawn on the CPU from
+    the stream `seed + PATCH_EMBED_STREAM`. The trainable initialisation depends on the seed alone,
+    not on how the base was built. A stream of its own: reseeding with `seed` itself repeated the
+    base model's first draws, and the demo then did not learn (held-out accuracy 0.54, against 0.80
+    and 0.83 otherwise)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed + PATCH_EMBED_STREAM)
+        twin = MRIPatchEmbed(mods, width)
+    return {n: p.detach() for n, p in twin.named_parameters()}
+
+
+def _splice_seeded_patch_embed(
+    model: PreTrainedModel,
+    mods: Mapping[str, ModalitySpec],
+    seed: int,
+    zero3_init: Callable[[], AbstractContextManager] | None,
+    access: Access,
+) -> None:
+    """Splice the patch embedding (partitioned under zero3_init) and give it its seeded values."""
+    with no_init_weights(), zero3_init() if zero3_init is not None else contextlib.nullcontext():
+        patch = splice_patch_embed(model, mods)
+    values = _patch_embed_values(mods, int(vision_transformer(model).config.hidden_size), seed)
+    params = dict(patch.named_parameters())
+    with torch.no_grad(), access(list(params.values()), 0) as writes:
+        if writes:
+            for name, p in params.items():
+                p.copy_(values[name])
+
+
+def _legacy_random_base(
+    config: LlavaConfig, dtype: torch.dtype, seed: int, init_path: InitPath
+) -> LlavaForConditionalGeneration:
+    """A random base as the code before seeded init drew it on one process (read-only path):
+    transformers' init from `torch.manual_seed(seed)`, whole or replaying the ZeRO-3 order."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        with no_init_weights() if init_path == "zero3" else contextlib.nullcontext():
+            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+        if init_path == "zero3":
+            _initialize_weights_as_zero3(model)
+    return model
+
+
 def random_init_path(zero3: bool, init: str) -> InitPath:
-    """The init path a training run's frozen base is drawn by (recorded in its checkpoints)."""
+    """The init path a legacy run's frozen base was drawn by (records before it had one)."""
     return "zero3" if zero3 and init == "random" else "whole"
 
 
 def _initialize_weights_as_zero3(model: PreTrainedModel) -> None:
     """transformers' `initialize_weights_zero3` on one process: the same module order and the same
     `_initialize_weights` calls, on whole tensors instead of gathered partitions, so the same seed
-    draws the same values as rank 0 did in a partitioned build (tests/model/test_model_zero3.py)."""
+    draws the same values as rank 0 did in a partitioned build of the legacy code."""
     from transformers.initialization import guard_torch_init_functions
 
     is_remote_code = model.is_remote_code()

@@ -32,7 +32,6 @@ from umbrella_ds.model.flops import FlopCounter, flop_counter
 from umbrella_ds.shards import open_dataset
 from umbrella_ds.train import checkpoint as ckpt
 from umbrella_ds.train import ds_setup, env, factory, signals
-from umbrella_ds.train.base_weights import check_same_base
 from umbrella_ds.train.compile import compile_blocks
 from umbrella_ds.train.determinism import enable_deterministic
 from umbrella_ds.train.evaluate import evaluate
@@ -142,11 +141,7 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
     # so export and evaluation can refuse a rebuild that is not the base the run trained on.
     base = factory.base_record(built)
     if found:
-        check_same_base(
-            found.meta.get("base", {}).get("weights_sha256"), base["weights_sha256"],
-            what=str(found.path), source=cfg.model.source,
-            hint="resume with the base the checkpoint was trained on, or start a new output_dir",
-        )  # fmt: skip
+        factory.check_resume_base(found.meta.get("base"), built, base, cfg, what=str(found.path))
     if cfg.train.compile == "blocks":
         n_blocks = compile_blocks(model, zero3=zero3)
         if rank == 0:

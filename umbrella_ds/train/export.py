@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from umbrella_ds.io import atomic_write_text
-from umbrella_ds.train.base_weights import BaseMismatchError, base_weights_sha256, check_same_base
-from umbrella_ds.train.factory import build, modality_specs, rebuild_for_checkpoint
+from umbrella_ds.train.base_weights import BaseMismatchError
+from umbrella_ds.train.factory import modality_specs, rebuild_for_checkpoint, rebuild_for_export
 
 log = logging.getLogger(__name__)
 __all__ = ["BaseMismatchError", "export", "load_checkpoint_model", "load_trained", "trained_state"]
@@ -119,13 +119,12 @@ def export(ckpt: str | Path, out: str | Path, shards: str | Path | None = None) 
     )
     info = {
         "format": FORMAT,
-        "base": {
+        "base": {  # the base record (factory.base_record), legacy ones with their init_path
             "preset": cfg.model.preset if not cfg.model.path else None,
             "path": cfg.model.path,
-            "weights_sha256": weights_sha,
+            **base_info,
         },
         "init": cfg.model.init,
-        "init_path": base_info["init_path"],
         "seed": cfg.train.seed,
         "modalities": modality_specs(cfg.model),
         "tokens_per_image": {m: num_image_tokens(model, m) for m in cfg.model.modalities},
@@ -161,22 +160,7 @@ def load_trained(
 
     path = Path(path)
     info: dict[str, Any] = json.loads((path / EXPORT_INFO).read_text())
-    source = str(base) if base is not None else (info["base"]["path"] or info["base"]["preset"])
-    model, tokenizer = build(
-        source,
-        modalities=info["modalities"],
-        init=info["init"],
-        dtype=dtype,
-        seed=info["seed"],
-        init_path=info.get("init_path", "whole"),
-    )
-    if verify_base:
-        trained_on = info["base"]["preset"] or info["base"]["path"]
-        check_same_base(
-            info["base"].get("weights_sha256"), base_weights_sha256(model),
-            what=f"{path} (base {trained_on})", source=source,
-            hint="point --base at the base the run trained with",
-        )  # fmt: skip
+    model, tokenizer = rebuild_for_export(info, base, dtype, what=str(path), verify=verify_base)
     patch = find_patch_embed(model)
     state = load_file(str(path / WEIGHTS))
     patch.load_state_dict(state, strict=True)

@@ -12,11 +12,14 @@ a ZeRO-3 run's base could not be rebuilt for evaluation. The rules, each once:
   bf16 and leaves buffers alone (rotary `inv_freq` stays fp32). `cast_like_deepspeed` does exactly
   that for the one-process users (evaluation, inference, the finder), so their numbers are the
   training run's. `model.to(bf16)` would also cast the buffers and change the numbers.
-- **Init path.** Under ZeRO-3 a random init is drawn partitioned, module by module, which draws
-  other values from the same seed than a whole build (`model.build.random_init_path`); a rebuild
-  of a ZeRO-3 run replays that path on one process.
-- **Fingerprint.** `base_record` hashes the frozen base (gathered under ZeRO-3) with its init
-  path: the record every checkpoint carries and every rebuild is checked against.
+- **Random init: one base however it is built.** Each tensor is drawn on the CPU from (seed, its
+  name) and copied into the whole or partitioned parameter (`model.seeded_init`), so ZeRO-0/1/2/3,
+  one process or many, CPU or CUDA give the same base; a rebuild needs no knowledge of how the run
+  was built. Bases drawn before (records with an `init_path` and no `init_scheme`) are rebuilt
+  by the legacy path they were drawn by, read-only: evaluated and exported, never resumed.
+- **Fingerprint.** `base_record` hashes the frozen base once (`base_weights`, scheme
+  `bf16-tensors-v1`, one rank hashing): the record every checkpoint carries and every rebuild is
+  checked against, in the scheme the record names.
 """
 
 from __future__ import annotations
@@ -30,10 +33,17 @@ from typing import Any
 import torch
 
 from umbrella_ds.config import ModelConfig, RunConfig
+from umbrella_ds.errors import UserError
 from umbrella_ds.model import build_model
 from umbrella_ds.model.build import InitPath, random_init_path
 from umbrella_ds.model.patch_embed_init import apply_config as apply_patch_embed_init
-from umbrella_ds.train.base_weights import base_weights_sha256, check_same_base
+from umbrella_ds.model.seeded_init import INIT_SCHEME
+from umbrella_ds.train.base_weights import (
+    HASH_SCHEME,
+    BaseMismatchError,
+    base_hash,
+    check_base,
+)
 
 
 @dataclass
@@ -43,7 +53,6 @@ class Built:
     model: Any  # LlavaForConditionalGeneration (possibly ZeRO-3 partitioned)
     tokenizer: Any
     dtype: torch.dtype
-    init_path: InitPath
 
 
 def modality_specs(model_cfg: ModelConfig) -> dict[str, dict[str, list[int]]]:
@@ -65,8 +74,9 @@ def build(
     init: str | None = None,
     seed: int | None = None,
     dtype: torch.dtype = torch.float32,
-    init_path: InitPath = "whole",
+    legacy_init_path: InitPath | None = None,
     zero3_init=None,
+    zero3_access=None,
     activation_checkpointing: tuple[bool, bool] = (False, False),
 ):
     """(model, tokenizer): the single call of `build_model` (its arguments documented there)."""
@@ -76,10 +86,26 @@ def build(
         init=init,  # type: ignore[arg-type]
         dtype=dtype,
         seed=seed,
-        init_path=init_path,
+        legacy_init_path=legacy_init_path,
         zero3_init=zero3_init,
+        zero3_access=zero3_access,
         activation_checkpointing=activation_checkpointing,
     )
+
+
+def gathered_for_init(params, index: int):
+    """Seeded init under ZeRO-3: gather a module's partitions; one rank writes them (round-robin
+    over modules, so the drawing is shared) and DeepSpeed scatters its values on exit."""
+    import deepspeed
+
+    writer = index % torch.distributed.get_world_size()
+
+    @contextlib.contextmanager
+    def gathered():
+        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=writer):
+            yield torch.distributed.get_rank() == writer
+
+    return gathered()
 
 
 def build_for_run(cfg: RunConfig, ds_cfg: dict[str, Any] | None = None) -> Built:
@@ -91,12 +117,14 @@ def build_for_run(cfg: RunConfig, ds_cfg: dict[str, Any] | None = None) -> Built
     zero3 = ds_cfg is not None and ds_setup.zero_stage(ds_cfg) == 3
     pretrained = cfg.model.init_kind == "pretrained"
     dtype = build_dtype(cfg.model, cfg.train.bf16)
-    zero3_init = None
+    zero3_init = zero3_access = None
     if zero3:
         import deepspeed
 
         def zero3_init():
             return deepspeed.zero.Init(config_dict_or_path=ds_cfg)
+
+        zero3_access = gathered_for_init
 
     loading = (
         ds_setup.zero3_pretrained_loading(ds_cfg)  # type: ignore[arg-type]
@@ -112,15 +140,75 @@ def build_for_run(cfg: RunConfig, ds_cfg: dict[str, Any] | None = None) -> Built
             seed=cfg.train.seed,
             dtype=dtype,
             zero3_init=zero3_init,
+            zero3_access=zero3_access,
             activation_checkpointing=(ck.vision, ck.language),
         )
     apply_patch_embed_init(model, cfg.model)  # model.patch_embed_init: a predecessor-trained one
-    return Built(model, tokenizer, dtype, random_init_path(zero3, cfg.model.init_kind))
+    return Built(model, tokenizer, dtype)
 
 
 def base_record(built: Built) -> dict[str, str]:
-    """The frozen base as this process sees it: sha256 (every rank together under ZeRO-3)."""
-    return {"weights_sha256": base_weights_sha256(built.model), "init_path": built.init_path}
+    """The frozen base's record (every rank together: one hashes, all get it), saved with every
+    checkpoint and export: its hash, the hash's scheme and the random init's scheme."""
+    return {
+        "weights_sha256": base_hash(built.model),
+        "hash_scheme": HASH_SCHEME,
+        "init_scheme": INIT_SCHEME,
+    }
+
+
+def recorded_init_path(
+    recorded: Mapping[str, Any], cfg: RunConfig | None, *, init_path: str | None = None
+) -> InitPath | None:
+    """How the base of a record was drawn: None for seeded init (records with `init_scheme`), else
+    the legacy path: the record's `init_path` (or an export's), or for records from before it,
+    the one the run config implies."""
+    scheme = recorded.get("init_scheme")
+    if scheme == INIT_SCHEME:
+        return None
+    if scheme is not None:
+        raise UserError(
+            f"base init scheme {scheme!r} is unknown to this version (it knows {INIT_SCHEME!r} and "
+            "the legacy paths): the record was written by a newer umbrella-ds"
+        )
+    path = recorded.get("init_path") or init_path
+    if path is None and cfg is not None:
+        from umbrella_ds.train.ds_setup import load_ds_json, zero_stage
+
+        path = random_init_path(
+            zero_stage(load_ds_json(cfg.train.deepspeed)) == 3, cfg.model.init_kind
+        )
+    if path is None:
+        path = "whole"
+    if path not in ("whole", "zero3"):
+        raise UserError(f"base init_path {path!r} is unknown (whole | zero3)")
+    return path  # type: ignore[return-value]
+
+
+def check_resume_base(
+    recorded: Mapping[str, Any] | None,
+    built: Built,
+    base: Mapping[str, str],
+    cfg: RunConfig,
+    *,
+    what: str,
+) -> None:
+    """A resume continues on the base the checkpoint trained on (`base`: this build's record).
+    A legacy random base is not redrawn for training: evaluation and export still rebuild it."""
+    recorded = recorded or {}
+    hint = "resume with the base the checkpoint was trained on, or start a new output_dir"
+    if cfg.model.init_kind == "random" and recorded and recorded_init_path(recorded, cfg):
+        raise BaseMismatchError(
+            f"{what} was trained on a random base drawn before seeded init (init_path "
+            f"{recorded.get('init_path', '?')}); this version draws {cfg.model.source!r} "
+            "otherwise from the same seed and does not redraw old bases for training: finish that "
+            "run with the version that wrote it, or start a new output_dir (umbrella-eval and "
+            "umbrella-export still rebuild it)"
+        )
+    check_base(
+        recorded, built.model, what=what, source=cfg.model.source, hint=hint,
+        known={base["hash_scheme"]: base["weights_sha256"]},
+    )  # fmt: skip
 
 
 def rebuild_for_checkpoint(
@@ -131,33 +219,71 @@ def rebuild_for_checkpoint(
 ):
     """(model, tokenizer, base record) of a checkpoint's run, rebuilt on one process.
 
-    The base is drawn the way the run drew it and must hash to what the run recorded, or
-    BaseMismatchError names both hashes. Checkpoints from before the record derive the init path
-    from the run config and are not checked.
+    The base is drawn as the run drew it (seeded init, or the legacy path of an older record) and
+    must hash, in the record's scheme, to what the run recorded, or BaseMismatchError names both
+    hashes. Checkpoints from before the record derive the init path from the run config and are
+    not checked. The returned record is the one an export of this base carries.
     """
     from umbrella_ds.config import config_from_dict
-    from umbrella_ds.train.ds_setup import load_ds_json, zero_stage
 
     cfg = config_from_dict(meta["config"])
     recorded = dict(meta.get("base") or {})
-    init_path = recorded.get("init_path") or random_init_path(
-        zero_stage(load_ds_json(cfg.train.deepspeed)) == 3, cfg.model.init_kind
-    )
     source = str(base) if base is not None else cfg.model.source
+    legacy = recorded_init_path(recorded, cfg)
     model, tokenizer = build(
         source,
         modalities=modality_specs(cfg.model),
         init=cfg.model.init,
         seed=cfg.train.seed,
         dtype=dtype,
-        init_path=init_path,
+        legacy_init_path=legacy,
     )
-    rebuilt = base_weights_sha256(model)
-    check_same_base(
-        recorded.get("weights_sha256"), rebuilt, what=str(step_dir), source=source,
+    rebuilt = check_base(
+        recorded, model, what=str(step_dir), source=source,
         hint="pass --base with the base the run trained on",
     )  # fmt: skip
-    return model, tokenizer, {"weights_sha256": rebuilt, "init_path": init_path}
+    return model, tokenizer, _rebuilt_record(recorded, rebuilt, legacy)
+
+
+def _rebuilt_record(recorded: Mapping[str, Any], rebuilt: str, legacy: InitPath | None) -> dict:
+    """The record of a rebuilt base, in the scheme it was checked in (legacy stays legacy)."""
+    if legacy is None:
+        return {"weights_sha256": rebuilt, "hash_scheme": recorded.get("hash_scheme", HASH_SCHEME),
+                "init_scheme": INIT_SCHEME}  # fmt: skip
+    out = {"weights_sha256": rebuilt, "init_path": legacy}
+    if "hash_scheme" in recorded:
+        out["hash_scheme"] = recorded["hash_scheme"]
+    return out
+
+
+def rebuild_for_export(
+    info: Mapping[str, Any],
+    base: str | Path | None,
+    dtype: torch.dtype,
+    *,
+    what: str,
+    verify: bool = True,
+):
+    """(model, tokenizer) of an export's base: drawn as recorded (`export.json`'s `base` holds
+    the record; exports before seeded init have a top-level `init_path`), checked if `verify`."""
+    recorded = dict(info["base"])
+    source = str(base) if base is not None else (recorded["path"] or recorded["preset"])
+    legacy = recorded_init_path(recorded, None, init_path=info.get("init_path", "whole"))
+    model, tokenizer = build(
+        source,
+        modalities=info["modalities"],
+        init=info["init"],
+        dtype=dtype,
+        seed=info["seed"],
+        legacy_init_path=legacy,
+    )
+    if verify:
+        trained_on = recorded["preset"] or recorded["path"]
+        check_base(
+            recorded, model, what=f"{what} (base {trained_on})", source=source,
+            hint="point --base at the base the run trained with",
+        )  # fmt: skip
+    return model, tokenizer
 
 
 def cast_like_deepspeed(model: torch.nn.Module, bf16: bool) -> None:

@@ -63,6 +63,10 @@ def check_run(cfg: RunConfig) -> None:
     key = "model.path" if cfg.model.path else "model.preset"
     if problem := model_source_problem(cfg.model.source):
         raise ConfigError(f"{key}: {problem}")
+    from umbrella_ds.model.build import tokenizer_problem
+
+    if problem := tokenizer_problem(cfg.model.source):
+        raise ConfigError(f"{key}: {problem}")
     load_ds_json(cfg.train.deepspeed)  # ConfigError naming train.deepspeed if unreadable
 
 
