@@ -112,6 +112,14 @@ def stand_in_tokenizer(spec: StandIn) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def _special_token(chat: Any, key: str) -> str:
+    """A stand-in's special token: ``template.ATTR`` names one by the chat template's attribute
+    (``template.turn_start``), so a template's strings stay in umbrella_ds/data/template.py."""
+    if key.startswith("template."):
+        return str(getattr(chat, key.removeprefix("template.")))
+    return key
+
+
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
 
@@ -127,7 +135,8 @@ def get_preset(name: str) -> Preset:
     missing = {"llava_config", "modalities", "chat_template"} - set(raw)
     if unknown or missing:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
-    template = get_template(raw["chat_template"], f"{path}: chat_template").name
+    chat = get_template(raw["chat_template"], f"{path}: chat_template")
+    template = chat.name
     tok = raw.get("tokenizer")
     tok_dir = PRESETS_DIR / tok if tok else None
     if tok_dir is not None and not (tok_dir / "tokenizer.json").is_file():
@@ -136,7 +145,7 @@ def get_preset(name: str) -> Preset:
     if si := raw.get("stand_in_tokenizer"):
         stand_in = StandIn(
             base=PRESETS_DIR / si["base"],
-            special_ids={t: int(i) for t, i in si["special_ids"].items()},
+            special_ids={_special_token(chat, t): int(i) for t, i in si["special_ids"].items()},
             vocab_size=int(raw["llava_config"]["text_config"]["vocab_size"]),
         )
     return Preset(
