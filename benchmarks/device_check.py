@@ -13,7 +13,8 @@ correctness (1 rank, NCCL, the `tiny` preset on its synthetic cohort):
      the tolerance that holds there); then `umbrella-eval --checkpoint` of the resumed run
      against its in-training evaluation.
   2. zero3_compiled_export: ZeRO-3, `train.compile=blocks`, activation checkpointing in both
-     towers, then `umbrella-export` of its checkpoint.
+     towers, then `umbrella-export` of its checkpoint; its base (built under zero.Init on the
+     device) must hash as step 1's whole build does.
 throughput (llava-interleave-qwen-0.5b shape, random weights, bf16, benchmarks/train_gpu.py's
 cases and plumbing; results also in benchmarks/results/train_gpu.json):
   3. t1_eager_vs_compiled: T1 at 216 tokens, micro-batch 64, eager and `compile=blocks`, with the
@@ -196,8 +197,17 @@ def step_zero3_compiled_export(check: Check) -> dict:
     run_logged(cmd, exported.with_suffix(".log"), timeout=300, env=check.env())
     info = json.loads((exported / "export.json").read_text())
     compiled = re.search(r"compiled (\d+) transformer blocks", text)
+    # One base however it is built (issue 22 §2): this run built tiny under zero.Init on the
+    # device, step 1 whole under ZeRO-2; the seeded init must give both the same base hash.
+    whole = check.work / "ref" / "checkpoints" / "step-0000006" / "meta.json"
+    whole_hash = (
+        json.loads(whole.read_text())["base"]["weights_sha256"] if whole.is_file() else None
+    )
+    zero3_hash = info.get("base", {}).get("weights_sha256")
     return {
-        "ok": (exported / "patch_embed.safetensors").is_file(),
+        "ok": (exported / "patch_embed.safetensors").is_file()
+        and (whole_hash is None or whole_hash == zero3_hash),
+        "same_base_as_step_1": None if whole_hash is None else whole_hash == zero3_hash,
         "compile": compile_,
         "compiled_blocks": int(compiled.group(1)) if compiled else None,
         "recompiles": len(RECOMPILE.findall(text)),

@@ -49,6 +49,8 @@ def test_dry_run_runs_every_step_and_writes_what_the_device_returns(tmp_path):
     assert sorted(one["resume_loss_rel_diff_after_step_3"]) == ["4", "5", "6"]
     assert set(one["eval_loss_rel_diff_umbrella_eval_vs_in_training"]) == {"t1_sex", "all"}
     assert len(steps["2_zero3_compiled_export"]["export_base_sha256"]) == 64
+    # a ZeRO-3 build and step 1's whole build of one preset and seed: one base (issue 22 §2)
+    assert steps["2_zero3_compiled_export"]["same_base_as_step_1"] is True
     assert correctness["environment"]["torch"].startswith("2.")
 
     throughput = json.loads((out / "throughput.json").read_text())
