@@ -274,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    from umbrella_ds.train import env
+
     p = argparse.ArgumentParser(prog="umbrella-infer", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="umbrella-export directory")
     p.add_argument(
@@ -292,21 +294,13 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--out", default=None, help="also write the answer record (JSON) here")
     p.add_argument("--base", default=None, help="frozen base (preset or local dir), if moved")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval value")
-    p.add_argument(
-        "--device",
-        default="auto",
-        choices=("auto", "cpu", "cuda"),
-        help="auto: a GPU where there is one, else the CPU (refused where GPUs are allocated but "
-        "this torch cannot use them)",
-    )
+    env.add_device_flag(p)
     add_debug_flag(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="umbrella-infer: %(message)s")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise InferError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-    from umbrella_ds.train.env import apply_device_rule
-
-    device = apply_device_rule(args.device, "--device")
+    device = env.apply_device_rule(args.device, "--device")
     from umbrella_ds.train.preflight import check_base
 
     check_base(args.base)

@@ -232,7 +232,12 @@ def test_eval_and_export_follow_the_run_config(tool, tmp_path, monkeypatch, caps
             "train.device (of the exported run)")  # fmt: skip
         assert rc == 2, err
         if device == "auto":
-            assert _refused(err, key) and "Run it where no GPUs are allocated" in err, err
+            assert _refused(err, key) and "--device cpu" in err, err
+            # --device cpu overrides the recorded auto: past the rule to the missing data
+            rc = eval_cli.main([*argv, "--device", "cpu"]) if tool == "eval" else export.main(
+                [str(step), "--out", str(tmp_path / "x"), "--shards", gone, "--device", "cpu"])  # fmt: skip
+            err = capsys.readouterr().err
+            assert rc == 2 and "GPUs allocated" not in err and "no-data" in err, err
         else:
             assert "GPUs allocated" not in err and "no-data" in err, err
 

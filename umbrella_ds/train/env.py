@@ -119,6 +119,21 @@ def export(d: DistEnv, visible_devices: int | None = None) -> None:
 # ---------------------------------------------------------------- the device rule
 
 DEVICES = ("auto", "cuda", "cpu")
+
+
+def add_device_flag(parser: Any, unset: str | None = None) -> None:
+    """``--device auto|cpu|cuda`` for a command that builds the model; ``unset``: what decides
+    when it is not given (else it defaults to auto)."""
+    rule = "auto: a GPU where there is one, else the CPU (refused where GPUs are allocated but "
+    rule += "this torch cannot use them)"
+    parser.add_argument(
+        "--device",
+        default=None if unset else "auto",
+        choices=DEVICES,
+        help=f"{rule}; default: {unset}" if unset else rule,
+    )
+
+
 # What says GPUs were allocated to this process (docs/OPERATIONS.md "Choosing the device").
 ALLOCATION_VARS = ("CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS")
 # CUDA_VISIBLE_DEVICES values that name no device (empty hides all; Slurm writes NoDevFiles for a
@@ -188,8 +203,8 @@ def choose_device(
     raise DeviceError(
         f"{key}={requested}: {why}, but this process cannot use CUDA; found {torch_build()}, "
         f"{', '.join(found) if found else 'no CUDA device'}. "
-        + ("Run it where no GPUs are allocated" if recorded
-           else f"Train on the CPU deliberately with {key}=cpu")
+        + ("Run it on the CPU deliberately with --device cpu" if recorded
+           else f"Use the CPU deliberately with {key}=cpu")
         + f", or use a CUDA build of torch{' and unset DS_ACCELERATOR' if ds_cpu else ''}"
     )  # fmt: skip
 

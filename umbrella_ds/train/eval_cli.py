@@ -45,6 +45,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, errors.EXIT_FAILED, errors.EXIT_USAGE
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from umbrella_ds.train import env
+
     p = argparse.ArgumentParser(
         prog="umbrella-eval",
         description=__doc__.split("\n")[0],
@@ -80,6 +82,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="where the frozen base comes from (preset or local dir), if not where the run had it",
     )
     p.add_argument("--timeout-s", type=int, default=1800, help="collective timeout")
+    env.add_device_flag(p, unset="the evaluated run's train.device")
     add_debug_flag(p)
     # The deepspeed launcher appends --local_rank=N (the rank comes from the environment).
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -202,9 +205,12 @@ def run(args: argparse.Namespace) -> int:
     from umbrella_ds.train.preflight import check_base, check_shards
 
     src = resolve_source(args.checkpoint)
-    env.apply_device_rule(
-        src.config.train.device, "train.device (of the evaluated run)", recorded=True
-    )
+    if args.device is not None:
+        env.apply_device_rule(args.device, "--device")
+    else:
+        env.apply_device_rule(
+            src.config.train.device, "train.device (of the evaluated run)", recorded=True
+        )
     check_base(args.base)
     for name in ("max_new_tokens", "micro_batch", "max_samples"):
         value = getattr(args, name)

@@ -218,13 +218,17 @@ def _main(argv: Sequence[str] | None) -> int:
         default=None,
         help="the training shards (their preprocessing is recorded), if moved from the run config's path",
     )
+    env.add_device_flag(p, unset="the exported run's train.device")
     add_debug_flag(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     # The user's paths first, each a one-line error naming it: the checkpoint, then the shards
     # whose preprocessing the export records.
     cfg = config_from_dict(read_meta(resolve(args.ckpt))["config"])
-    env.apply_device_rule(cfg.train.device, "train.device (of the exported run)", recorded=True)
+    if args.device is not None:
+        env.apply_device_rule(args.device, "--device")
+    else:
+        env.apply_device_rule(cfg.train.device, "train.device (of the exported run)", recorded=True)
     if args.shards is not None:
         check_shards(args.shards, "--shards")
     else:
