@@ -2,8 +2,8 @@
 
 Regional compilation must not change the numbers: every transformer block of both towers is
 compiled (inductor + the C++ compiler on CPU), and the per-step losses of a short run match the
-eager run's (fp32 within 5e-6, bf16 within 5e-2, relative to max(1, |loss|); see TOLERANCE). ZeRO-2 runs in
-bf16 without activation checkpointing, ZeRO-3 in fp32 with checkpointing on in both towers (HF
+eager run's (fp32 within 5e-6, bf16 within 5e-2, relative to max(1, |loss|); see TOLERANCE).
+ZeRO-2 runs in bf16 without activation checkpointing, ZeRO-3 in fp32 with checkpointing on in both towers (HF
 checkpoints each block's ``forward``, so the checkpoint runs inside the compiled block): two pairs
 of runs cover both stages, both precisions and checkpointing on/off. The learning rate is small
 so that bf16 rounding differences (inductor keeps fused intermediates in fp32, eager rounds every
