@@ -53,7 +53,13 @@ def test_export_round_trip(fp32_run, tmp_path):
     record = next(
         r for r in evals if r["split"] == "eval" and r["task"] == "all" and r["step"] == 4
     )
-    assert total / tokens == pytest.approx(record["loss"], rel=1e-5)
+    rel = abs(total / tokens - record["loss"]) / abs(record["loss"])
+    print(f"export loss rel diff: {rel:.3e}")  # the figure the bound below was derived from
+    # Bound: 10x the largest difference measured under ATEN_CPU_CAPABILITY=default / avx2 /
+    # avx512 on one AMD EPYC with AVX-512 (2026-12-07): rel 7.5e-9 / 3.0e-8 / 4.5e-8. fp32 both
+    # sides; the run evaluated on 2 ranks, this re-computes one item at a time, so only the
+    # reduction order differs. A wrong patch embedding moves the loss by far more.
+    assert total / tokens == pytest.approx(record["loss"], rel=5e-7)
     preds = [json.loads(x) for x in (fp32_run / "predictions.jsonl").read_text().splitlines()]
     assert {p["task_id"]: p["answer"] for p in preds} == answers
 

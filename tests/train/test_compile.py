@@ -2,8 +2,8 @@
 
 Regional compilation must not change the numbers: every transformer block of both towers is
 compiled (inductor + the C++ compiler on CPU), and the per-step losses of a short run match the
-eager run's (fp32 within 1e-4, bf16 within 1e-2, relative to max(1, |loss|)). ZeRO-2 runs in
-bf16 without activation checkpointing, ZeRO-3 in fp32 with checkpointing on in both towers (HF
+eager run's (fp32 within 5e-6, bf16 within 5e-2, relative to max(1, |loss|); see TOLERANCE).
+ZeRO-2 runs in bf16 without activation checkpointing, ZeRO-3 in fp32 with checkpointing on in both towers (HF
 checkpoints each block's ``forward``, so the checkpoint runs inside the compiled block): two pairs
 of runs cover both stages, both precisions and checkpointing on/off. The learning rate is small
 so that bf16 rounding differences (inductor keeps fused intermediates in fp32, eager rounds every
@@ -26,7 +26,12 @@ STEPS = 3
 CASES = [("zero2", True, False), ("zero3", False, True)]  # (stage, bf16, checkpointing)
 if os.environ.get("UMBRELLA_COMPILE_ALL") == "1":
     CASES = [(s, b, c) for s in ("zero2", "zero3") for b in (False, True) for c in (False, True)]
-TOLERANCE = {False: 1e-4, True: 1e-2}
+# 10x the largest compiled-vs-eager difference (any step, relative to max(1, |loss|)) measured
+# under ATEN_CPU_CAPABILITY=default / avx2 / avx512 on one AMD EPYC with AVX-512 (2026-12-07,
+# the two CASES; inductor's own kernels may pick their ISA independently of ATEN_CPU_CAPABILITY):
+#   fp32 (zero3, ckpt)  4.3e-7 / 2.0e-7 / 2.3e-7  -> 5e-6 (was 1e-4)
+#   bf16 (zero2)        5.0e-3 / 3.8e-3 / 4.4e-3  -> 5e-2 (was 1e-2: only 2x over the noise)
+TOLERANCE = {False: 5e-6, True: 5e-2}
 
 
 def _run(data: Path, out: Path, stage: str, bf16: bool, ckpt: bool, compile_: str) -> str:
@@ -91,6 +96,8 @@ def test_compiled_blocks_give_eager_losses(runs, stage, bf16, ckpt):
     # a block that keeps recompiling falls back to eager silently: that is a failure here
     assert "recompile_limit" not in output, output[-5000:]
     print(f"{stage} bf16={bf16}: eager {eager}, compiled {compiled}")
+    diff = max(abs(eager[s] - compiled[s]) / max(1.0, abs(eager[s])) for s in eager)
+    print(f"{stage} bf16={bf16} compiled vs eager loss diff: {diff:.3e}")
     for step in eager:
         assert eager[step] is not None and compiled[step] is not None
         assert abs(eager[step] - compiled[step]) <= TOLERANCE[bf16] * max(1.0, abs(eager[step])), (

@@ -123,15 +123,24 @@ def test_resume_two_ranks_onto_one(train_data, zero2_ref, tmp_path):
     assert one_meta["sampler"]["epoch"] == ref_meta["sampler"]["epoch"]
     assert one_meta["world_size"] == 1 and ref_meta["world_size"] == 2
     # The first step after the resume runs the restored weights on the same samples: the same
-    # loss. Later steps drift a little (bf16, another reduction order, amplified early in
-    # training), but stay on the same trajectory; the final weights agree to ~1%.
+    # loss up to reduction order. Later steps drift a little (bf16, another reduction order,
+    # amplified by Adam early in training), but stay on the same trajectory.
+    # Bounds: 10x the largest difference measured under ATEN_CPU_CAPABILITY=default / avx2 /
+    # avx512 on one AMD EPYC with AVX-512 (2026-12-07), relative:
+    #   first resumed step loss   4.5e-8 / 5.8e-8 / 0       -> 6e-7
+    #   any resumed step loss     1.4e-3 / 2.8e-3 / 2.6e-3  -> 3e-2
+    #   final patch-embed weights 2.3e-3 / 3.8e-3 / 3.4e-3  -> 4e-2 (largest tensor, |a-b|/|a|)
     ref_losses, one_losses = losses_by_step(zero2_ref), losses_by_step(out)
     assert sorted(one_losses) == list(range(EVERY + 1, STEPS + 1))
-    assert one_losses[EVERY + 1] == pytest.approx(ref_losses[EVERY + 1], rel=1e-4)
+    rels = {s: abs(one_losses[s] - ref_losses[s]) / abs(ref_losses[s]) for s in one_losses}
+    print(f"2->1 first-step loss rel diff: {rels[EVERY + 1]:.3e}")
+    print(f"2->1 any-step loss rel diff: {max(rels.values()):.3e}")
+    assert one_losses[EVERY + 1] == pytest.approx(ref_losses[EVERY + 1], rel=6e-7)
     for s in one_losses:
-        assert one_losses[s] == pytest.approx(ref_losses[s], rel=5e-2), f"step {s}"
+        assert one_losses[s] == pytest.approx(ref_losses[s], rel=3e-2), f"step {s}"
     a, b = _final_patch_embed(zero2_ref), _final_patch_embed(out)
     print("2->1 losses", ref_losses, one_losses)
-    print("2->1 weights rel", {k: float((a[k] - b[k]).norm() / a[k].norm()) for k in a})
+    w_rel = {k: float((a[k] - b[k]).norm() / a[k].norm()) for k in a}
+    print(f"2->1 weights rel diff: {max(w_rel.values()):.3e}")
     for k in a:
-        assert float((a[k] - b[k]).norm() / a[k].norm()) < 5e-2, k
+        assert w_rel[k] < 4e-2, k
