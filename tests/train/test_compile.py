@@ -2,7 +2,7 @@
 
 Regional compilation must not change the numbers: every transformer block of both towers is
 compiled (inductor + the C++ compiler on CPU), and the per-step losses of a short run match the
-eager run's (fp32 within 5e-6, bf16 within 5e-2, relative to max(1, |loss|); see TOLERANCE).
+eager run's (fp32 within 1e-4, bf16 within 5e-2, relative to max(1, |loss|); see TOLERANCE).
 ZeRO-2 runs in bf16 without activation checkpointing, ZeRO-3 in fp32 with checkpointing on in both towers (HF
 checkpoints each block's ``forward``, so the checkpoint runs inside the compiled block): two pairs
 of runs cover both stages, both precisions and checkpointing on/off. The learning rate is small
@@ -29,9 +29,11 @@ if os.environ.get("UMBRELLA_COMPILE_ALL") == "1":
 # 10x the largest compiled-vs-eager difference (any step, relative to max(1, |loss|)) measured
 # under ATEN_CPU_CAPABILITY=default / avx2 / avx512 on one AMD EPYC with AVX-512 (2026-12-07,
 # the two CASES; inductor's own kernels may pick their ISA independently of ATEN_CPU_CAPABILITY):
-#   fp32 (zero3, ckpt)  4.3e-7 / 2.0e-7 / 2.3e-7  -> 5e-6 (was 1e-4)
+#   fp32 (zero3, ckpt)  4.3e-7 / 2.0e-7 / 2.3e-7  -> 1e-4 kept (230x): the capability switch
+#     did not reach inductor's generated kernels, whose vector width follows the CPU it runs on,
+#     so this spread understates another CPU's; a wrong compiled graph moves the loss by > 1e-2
 #   bf16 (zero2)        5.0e-3 / 3.8e-3 / 4.4e-3  -> 5e-2 (was 1e-2: only 2x over the noise)
-TOLERANCE = {False: 5e-6, True: 5e-2}
+TOLERANCE = {False: 1e-4, True: 5e-2}
 
 
 def _run(data: Path, out: Path, stage: str, bf16: bool, ckpt: bool, compile_: str) -> str:
