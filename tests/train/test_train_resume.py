@@ -127,10 +127,10 @@ def test_resume_two_ranks_onto_one(train_data, zero2_ref, tmp_path):
     # amplified by Adam early in training), but stay on the same trajectory.
     # Bounds: 10x the largest difference measured under ATEN_CPU_CAPABILITY=default / avx2 /
     # avx512 on one AMD EPYC with AVX-512 (2026-12-07), relative:
-    #   first resumed step loss   4.5e-8 / 5.8e-8 / 0       -> 1e-5, not 10x: the run is bf16,
-    #     and on a CPU whose reductions round one bf16 activation the other way the step moves by
-    #     up to ~1e-6 (one bf16 ulp, 3.9e-3, on one of the batch's ~4000 supervised terms);
-    #     a resume bug (another sample, stale weights) moves it by 1e-2 or more
+    #   first resumed step loss   4.5e-8 / 5.8e-8 / 0       -> 1e-5, 170x rather than 10x: the
+    #     run is bf16, so a CPU that rounds one activation the other way moves this step more
+    #     than the reduction order measured here does (not seen, not ruled out); a resume bug
+    #     (another sample, stale weights) moves it by 1e-2 or more
     #   any resumed step loss     1.4e-3 / 2.8e-3 / 2.6e-3  -> 3e-2
     #   final patch-embed weights 2.3e-3 / 3.8e-3 / 3.4e-3  -> 4e-2 (largest tensor, |a-b|/|a|)
     ref_losses, one_losses = losses_by_step(zero2_ref), losses_by_step(out)
