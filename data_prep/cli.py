@@ -288,18 +288,20 @@ def _manifest(a: argparse.Namespace) -> int:
     )
     missing = bids.write(found, a.out)
     lacking = sorted({m["subject_id"] for m in found.missing})
-    for m in found.missing[:10]:
-        print(
-            f"umbrella-pack manifest: {m['subject_id']}: no {m['modality']}: {m['reason']}",
-            file=sys.stderr,
-        )
-    if len(found.missing) > 10:
-        print(f"umbrella-pack manifest: ... {len(found.missing) - 10} more", file=sys.stderr)
+    _print_missing([f"{m['subject_id']}: no {m['modality']}: {m['reason']}" for m in found.missing])
     print(
         f"manifest: {len(found.rows)} subjects -> {a.out} in {time.perf_counter() - t0:.1f} s; "
         f"{len(lacking)} lacking a modality, listed in {missing}"
     )
     return 0
+
+
+def _print_missing(lines: list[str], shown: int = 10) -> None:
+    """The first of a manifest's missing images on stderr; the missing list file has them all."""
+    for line in lines[:shown]:
+        print(f"umbrella-pack manifest: {line}", file=sys.stderr)
+    if len(lines) > shown:
+        print(f"umbrella-pack manifest: ... {len(lines) - shown} more", file=sys.stderr)
 
 
 def _manifest_from_instructions(a: argparse.Namespace) -> int:
@@ -311,13 +313,9 @@ def _manifest_from_instructions(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     found = umbrella_manifest.scan(a.instructions, phenotypes=a.phenotypes, path_maps=a.path_map)
     missing = umbrella_manifest.write(found, a.out)
-    for m in found.missing[:10]:
-        print(
-            f"umbrella-pack manifest: {m['subject_id']}: {m['modality']} {m['path']}: {m['reason']}",
-            file=sys.stderr,
-        )
-    if len(found.missing) > 10:
-        print(f"umbrella-pack manifest: ... {len(found.missing) - 10} more", file=sys.stderr)
+    _print_missing(
+        [f"{m['subject_id']}: {m['modality']} {m['path']}: {m['reason']}" for m in found.missing]
+    )
     print(
         f"manifest: {len(found.rows)} subjects from {found.tasks} tasks -> {a.out} in "
         f"{time.perf_counter() - t0:.1f} s; {len(found.missing)} image(s) not found, listed in "
