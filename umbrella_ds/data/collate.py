@@ -111,7 +111,7 @@ def write_images(images: Sequence[Any], out: torch.Tensor) -> torch.Tensor:
     return batch.movedim(1, -1) if out.ndim == 5 else batch
 
 
-def _group_images(
+def group_images(
     samples: Sequence[Mapping[str, Any]],
     offsets: Sequence[np.ndarray],
     image_token_id: int,
@@ -179,7 +179,7 @@ def collate_train(
     loss_positions = rows * seq + cols
     loss_targets = labels[rows, cols + 1]
     offsets = [np.int64(b * seq) for b in range(bsz)]
-    images, image_positions = _group_images(
+    images, image_positions = group_images(
         samples, offsets, image_token_id, tokens_per_image, "input_ids", out
     )
     return {
@@ -221,7 +221,7 @@ def collate_eval(
         prompt_ids[b, pad:] = s["prompt_ids"]
         attention[b, pad:] = 1
         offsets.append(np.int64(b * seq + pad))
-    images, image_positions = _group_images(
+    images, image_positions = group_images(
         samples, offsets, image_token_id, tokens_per_image, "prompt_ids"
     )
     return {

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from umbrella_ds.data.collate import _group_images
+from umbrella_ds.data.collate import group_images
 from umbrella_ds.data.render import IGNORE_INDEX
 
 
@@ -67,7 +67,7 @@ def collate_joint(
         offsets.append(np.int64(b * seq + start))
     # Position t predicts token t+1 of the same row.
     rows, cols = np.nonzero(labels[:, 1:] != IGNORE_INDEX)
-    images, image_positions = _group_images(
+    images, image_positions = group_images(
         samples, offsets, image_token_id, tokens_per_image, "input_ids"
     )
     return {
