@@ -9,7 +9,9 @@ the paths alternating over `--rounds` (median of the per-round medians):
   a window's 24 consecutive frames);
 - v2 (this format): every chunk read directly and checked against its xxh3-64 digest; T1 and
   rsfMRI uncompressed, and rsfMRI with the default compression (`auto`: Blosc lz4);
-- v1 (the previous format): the same uncompressed data through HDF5 with fletcher32;
+- v1 (the previous format): the same uncompressed data through HDF5 with fletcher32, written by
+  the test-only v1 writer (tests/helpers/v1_shards.py) and read by the upgrade's v1 reader
+  (umbrella_ds/shards/v1.py; training reads v2 only);
 - the predecessor's per-access paths: decode the source `.nii.gz`, reorient, resize, z-score
   (T1); 24 `torch.load` calls on the subject's frame folder (rsfMRI).
 
@@ -41,6 +43,7 @@ from data_prep.pack import BuildOptions, build
 from data_prep.preprocess import preprocess_t1
 from data_prep.synth import synth
 from umbrella_ds.shards import open_dataset, set_decode_threads
+from umbrella_ds.shards.v1 import open_any
 
 
 def _median_ms(fn: Callable, args_list: list) -> float:
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         write_shards(root / "v2_none", images, "none", per_shard)
         write_shards(root / "v1_none", images, "none", per_shard, format_version=1)
         write_shards(root / "v2_zstd", images, "blosc-zstd", per_shard)
-        v2, v1 = open_dataset(root / "v2_none"), open_dataset(root / "v1_none")
+        v2, v1 = open_dataset(root / "v2_none"), open_any(root / "v1_none")
         zstd = open_dataset(root / "v2_zstd")
         flat = root / "flat.bin"  # the limit: the same decoded bytes in one flat file
         with open(flat, "wb") as f:

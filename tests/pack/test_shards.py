@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
+import shlex
 import shutil
 from pathlib import Path
 
@@ -11,9 +13,13 @@ import h5py
 import numpy as np
 import pytest
 import xxhash
+from helpers.v1_shards import V1ShardWriter, write_v1_index
 
+from data_prep.cli import main as pack_cli
 from umbrella_ds import shards
+from umbrella_ds.errors import UserError, error_line
 from umbrella_ds.shards import ShardError, ShardWriter, build_index, open_dataset, write_index
+from umbrella_ds.shards.v1 import V1Dataset, open_any
 
 SHAPES = {"T1": (8, 8, 8), "rsfMRI": (4, 4, 4)}
 FRAMES = [11, 5, 20, 9, 13]
@@ -22,15 +28,16 @@ FRAMES = [11, 5, 20, 9, 13]
 def _write(
     out: Path, compression: str = "none", per_shard: int = 2, version: int = shards.FORMAT_VERSION
 ) -> dict[str, np.ndarray]:
-    """Five subjects over three shards; subject 3 lacks rsfMRI. Returns the arrays written."""
+    """Five subjects over three shards; subject 3 lacks rsfMRI. Returns the arrays written.
+
+    ``version`` 1: written by the test-only v1 writer (the package writes v2 only)."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     truth: dict[str, np.ndarray] = {}
     records = []
+    writer = V1ShardWriter if version == 1 else ShardWriter
     for k in range(3):
-        w = ShardWriter(
-            out, k, SHAPES, compression, {"T1": {"size": [8, 8, 8]}}, f"job{k}", version
-        )
+        w = writer(out, k, SHAPES, compression, {"T1": {"size": [8, 8, 8]}}, f"job{k}")
         for pos in range(k * per_shard, min(5, (k + 1) * per_shard)):
             sid = f"S{pos}"
             vols = {"T1": rng.standard_normal(SHAPES["T1"]).astype(np.float16)}
@@ -46,9 +53,12 @@ def _write(
         if k == 2:
             w.add_rejection("S5", "T1", "/x.nii.gz", "missing file")
         records.append(w.close())
-    write_index(out, build_index(records, shapes=SHAPES, preprocessing={"T1": {"size": [8, 8, 8]}},
-                                 compression=compression, subjects_per_shard=per_shard,
-                                 format_version=version))  # fmt: skip
+    kwargs = dict(shapes=SHAPES, preprocessing={"T1": {"size": [8, 8, 8]}},
+                  compression=compression, subjects_per_shard=per_shard)  # fmt: skip
+    if version == 1:
+        write_v1_index(out, records, **kwargs)
+    else:
+        write_index(out, build_index(records, **kwargs))
     return truth
 
 
@@ -200,7 +210,7 @@ def test_chunk_checksum_catches_chunk_damage_on_read(
 
 def _child_read(ds: shards.ShardDataset, q: mp.Queue) -> None:
     arr = ds.read("S4", "T1")
-    q.put((len(ds._files), ds._pid == __import__("os").getpid(), arr.tobytes()))
+    q.put((len(ds._files), ds._pid == os.getpid(), arr.tobytes()))
 
 
 @pytest.mark.timeout(60)
@@ -258,7 +268,7 @@ def test_flipped_chunk_byte_named_on_read_and_by_verify(
     path = out / "shard-00001.h5"
     _flip_in_chunk(path, shards.DS_T1, 1)
     _flip_in_chunk(path, shards.DS_RS_FRAMES, 1, at=3)  # frames 8..16 of S2
-    ds = open_dataset(out)
+    ds = open_any(out)  # v1: the upgrade reader
     np.testing.assert_array_equal(ds.read("S2", "T1"), truth["S2/T1"])  # other chunk intact
     with pytest.raises(shards.ShardCorruptError, match=r"shard-00001\.h5.*subject S3 T1"):
         ds.read("S3", "T1")
@@ -276,10 +286,12 @@ def test_flipped_chunk_byte_named_on_read_and_by_verify(
 
 @pytest.mark.parametrize("compression", ["none", "lzf", "blosc-lz4", "blosc-zstd-bitshuffle"])
 def test_v1_and_v2_read_back_equal_arrays(tmp_path: Path, compression: str) -> None:
+    """v1 is read back by the upgrade reader (shards/v1.py), the only v1 reader left."""
     truth = _write(tmp_path / "v1", compression, version=1)
     _write(tmp_path / "v2", compression, version=2)
-    a, b = open_dataset(tmp_path / "v1"), open_dataset(tmp_path / "v2")
+    a, b = open_any(tmp_path / "v1"), open_dataset(tmp_path / "v2")
     assert (a.format_version, b.format_version) == (1, 2)
+    assert isinstance(a, V1Dataset) and type(open_any(tmp_path / "v2")) is shards.ShardDataset
     for sid in a.subjects:
         np.testing.assert_array_equal(a.read(sid, "T1"), b.read(sid, "T1"))
         np.testing.assert_array_equal(b.read(sid, "T1"), truth[f"{sid}/T1"])
@@ -327,17 +339,23 @@ def test_interrupted_upgrade_rolls_forward(tmp_path: Path, monkeypatch) -> None:
             raise OSError("power cut")
         real_replace(src, dst)
 
-    real_replace = shards.os.replace
-    monkeypatch.setattr(shards.os, "replace", crash_after_first)
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", crash_after_first)
     with pytest.raises(OSError, match="power cut"):
         shards.upgrade(out)
-    monkeypatch.setattr(shards.os, "replace", real_replace)
-    with pytest.raises(ShardError, match="interrupted `umbrella-pack upgrade`"):
-        open_dataset(out).check()
+    monkeypatch.setattr(os, "replace", real_replace)
+    with pytest.raises(shards.UpgradeRequiredError, match="umbrella-pack upgrade"):
+        open_dataset(out)  # the v1 index is still in place (it moves last): rerun the upgrade
+    staged = (out / shards.UPGRADE_DIR / "index.json").read_bytes()
     assert shards.upgrade(out)["resumed"] is True
     ds = open_dataset(out)
     assert ds.format_version == 2 and shards.verify(out) == []
     np.testing.assert_array_equal(ds.read("S4", "T1"), truth["S4/T1"])
+    # a crash after the index moved, before the stage was dropped: training still refuses
+    (out / shards.UPGRADE_DIR).mkdir()
+    (out / shards.UPGRADE_DIR / "index.json").write_bytes(staged)
+    with pytest.raises(ShardError, match="interrupted `umbrella-pack upgrade`"):
+        open_dataset(out).check()
 
 
 def test_upgrade_refuses_a_damaged_v1_shard(tmp_path: Path) -> None:
@@ -346,4 +364,23 @@ def test_upgrade_refuses_a_damaged_v1_shard(tmp_path: Path) -> None:
     _flip_in_chunk(out / "shard-00002.h5", shards.DS_T1, 0)
     with pytest.raises(shards.ShardCorruptError, match=r"shard-00002\.h5.*nothing upgraded"):
         shards.upgrade(out)
-    assert open_dataset(out).format_version == 1
+    assert open_any(out).format_version == 1
+
+
+def test_v1_refused_for_training_with_the_upgrade_command(tmp_path: Path) -> None:
+    """The training reader reads v2 only: a v1 dataset is a user error (exit 2, one line) that
+    names the directory, its version and the command that converts it; that command works."""
+    out = tmp_path / "old pack"
+    truth = _write(out, "none", version=1)
+    with pytest.raises(shards.UpgradeRequiredError) as caught:
+        open_dataset(out)
+    assert isinstance(caught.value, UserError)
+    line = error_line(caught.value)
+    assert line == (
+        f"error: {out}: shard format v1; training reads format v2 only. "
+        f"Convert it once with: umbrella-pack upgrade '{out}'"
+    )
+    argv = shlex.split(line.split("Convert it once with: ")[1])  # the command, as a shell reads it
+    assert argv[:2] == ["umbrella-pack", "upgrade"]
+    assert pack_cli(argv[1:]) == 0
+    np.testing.assert_array_equal(open_dataset(out).read("S1", "T1"), truth["S1/T1"])

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.v1_shards import V1ShardWriter, write_v1_index
 
 from umbrella_ds import shards
+from umbrella_ds.shards.v1 import open_any
 
 SHAPES = {"T1": (6, 6, 6), "rsfMRI": (4, 4, 4)}
 
@@ -20,7 +22,7 @@ def _v1_pack(out: Path) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(5)
     truth, records = {}, []
     for k in range(2):
-        w = shards.ShardWriter(out, k, SHAPES, "blosc-lz4", {}, f"job{k}", format_version=1)
+        w = V1ShardWriter(out, k, SHAPES, "blosc-lz4", {}, f"job{k}")
         for pos in (2 * k, 2 * k + 1):
             t1 = rng.standard_normal(SHAPES["T1"]).astype(np.float16)
             rs = rng.standard_normal((7 + pos, *SHAPES["rsfMRI"])).astype(np.float16)
@@ -28,11 +30,8 @@ def _v1_pack(out: Path) -> dict[str, np.ndarray]:
             truth[f"S{pos}/rs"] = rs
             w.add_subject(f"S{pos}", pos, {}, {"T1": t1, "rsfMRI": rs}, {})
         records.append(w.close())
-    index = shards.build_index(
-        records, shapes=SHAPES, preprocessing={}, compression="blosc-lz4",
-        subjects_per_shard=2, format_version=1,
-    )  # fmt: skip
-    shards.write_index(out, index)
+    write_v1_index(out, records, shapes=SHAPES, preprocessing={}, compression="blosc-lz4",
+                   subjects_per_shard=2)  # fmt: skip
     return truth
 
 
@@ -71,4 +70,4 @@ def test_upgrade_cli(tmp_path: Path) -> None:
     r = _cli("upgrade", str(damaged))
     assert r.returncode == 1 and "shard-00001.h5" in r.stderr and "nothing upgraded" in r.stderr
     assert "Traceback" not in r.stderr
-    assert shards.open_dataset(damaged).format_version == 1
+    assert open_any(damaged).format_version == 1
