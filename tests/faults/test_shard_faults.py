@@ -1,8 +1,8 @@
 """A shard with flipped bytes: ``umbrella-pack verify`` names it, and training refuses to start on
 it with the same message (``ShardDataset.check()`` runs in ``train.inputs.build_inputs``).
 
-Damage to a chunk outside the stamped ends is caught on read by the per-chunk checksum (v2 xxh3,
-v1 fletcher32), naming the chunk and its subject (tests/pack/test_shards.py::
+Damage to a chunk outside the stamped ends is caught on read by the per-chunk xxh3 checksum
+(training reads format v2 only), naming the chunk and its subject (tests/pack/test_shards.py::
 test_flipped_chunk_byte_named_on_read_and_by_verify).
 """
 

@@ -17,16 +17,15 @@ import numpy as np
 from umbrella_ds import modality as modality_table
 from umbrella_ds.shards.format import (
     CORRUPT,
-    FORMAT_VERSION,
     FRAMES_PER_CHUNK,
     V1,
     ShardCorruptError,
     ShardError,
+    UpgradeRequiredError,
     chunk_owner,
     dataset_name,
     n_chunks,
 )
-from umbrella_ds.shards.index import load_index
 from umbrella_ds.shards.reader import ShardDataset
 
 
@@ -35,7 +34,6 @@ class V1Dataset(ShardDataset):
     (``read_direct`` straight into the array, fletcher32 verified by HDF5)."""
 
     VERSION = V1
-    reads_into = False  # never a training loader's reader
 
     def _read_hdf5(self, shard: int, name: str, sel: Any, out: np.ndarray, what: str) -> None:
         try:
@@ -77,9 +75,10 @@ class V1Dataset(ShardDataset):
 
 def open_any(path: str | os.PathLike[str]) -> ShardDataset:
     """A dataset in any format this package knows: v2 (the training reader) or v1 (this one)."""
-    root = Path(path)
-    index, _ = load_index(root)
-    return ShardDataset(root) if index["format_version"] == FORMAT_VERSION else V1Dataset(root)
+    try:
+        return ShardDataset(path)
+    except UpgradeRequiredError:  # raised only for a known older version: v1
+        return V1Dataset(path)
 
 
 def chunk_problems_v1(path: Path) -> list[str]:
