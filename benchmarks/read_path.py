@@ -38,8 +38,8 @@ import torch
 
 from benchmarks.common import write_result, write_shards
 from data_prep.pack import BuildOptions, build
-from data_prep.preprocess import preprocess_t1
 from data_prep.synth import synth
+from umbrella_ds.scan.preprocess import preprocess_t1
 from umbrella_ds.shards import open_dataset, set_decode_threads
 
 

@@ -28,13 +28,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_prep.preprocess import from_source, make_params_for, read_source
-from data_prep.readers import InputRejected
 from umbrella_ds import modality as modality_table
 from umbrella_ds import shards
 from umbrella_ds.errors import UserError
 from umbrella_ds.io import atomic_write_text
 from umbrella_ds.provenance import write_provenance
+from umbrella_ds.scan.preprocess import from_source, make_params_for, read_source
+from umbrella_ds.scan.readers import InputRejected
 
 ID_COLUMNS = ("subject_id", "subjectkey")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTIONS = 0, 1, 2, 3

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.preprocess import rsfmri_stats
 from umbrella_ds import modality as modality_table
+from umbrella_ds.scan.preprocess import rsfmri_stats
 
 SEX_CODES = {1: "male", 2: "female"}
 T1_PROMPT = (

@@ -17,8 +17,8 @@ import torch
 
 from data_prep.cli import main as cli_main
 from data_prep.pack import BuildOptions, build
-from data_prep.preprocess import preprocess_rsfmri, preprocess_t1
 from data_prep.synth import synth
+from umbrella_ds.scan.preprocess import preprocess_rsfmri, preprocess_t1
 from umbrella_ds.shards import open_dataset, sha256_file
 
 N_SUBJECTS = 8

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.preprocess import (
+from umbrella_ds.scan.preprocess import (
     make_params,
     normalise_rsfmri,
     preprocess_rsfmri,
@@ -19,7 +19,7 @@ from data_prep.preprocess import (
     rsfmri_stats,
     to_float16,
 )
-from data_prep.readers import InputRejected, read_frame_folder, read_nifti, read_rsfmri
+from umbrella_ds.scan.readers import InputRejected, read_frame_folder, read_nifti, read_rsfmri
 
 PARAMS = make_params((16, 16, 16), (8, 8, 8))
 

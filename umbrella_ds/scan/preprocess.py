@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.readers import InputRejected, Source, read_nifti, read_rsfmri, read_t1
 from umbrella_ds import modality as modality_table
+from umbrella_ds.scan.readers import InputRejected, Source, read_nifti, read_rsfmri, read_t1
 
 T1_NORMS = modality_table.T1.norms
 RSFMRI_NORMS = modality_table.RSFMRI.norms
