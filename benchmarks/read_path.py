@@ -39,7 +39,7 @@ import torch
 from benchmarks.common import write_result, write_shards
 from data_prep.pack import BuildOptions, build
 from data_prep.synth import synth
-from umbrella_ds.scan.preprocess import preprocess_t1
+from umbrella_ds.scan.preprocess import preprocess
 from umbrella_ds.shards import open_dataset, set_decode_threads
 
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                 rounds.setdefault(f"rsfmri_window_{name}_ms", []).append(_median_ms(fn, win_args))
         few = picks[: max(3, a.reads // 8)]  # the slow paths: fewer reads suffice for a median
         t1_pred = _median_ms(
-            lambda s: preprocess_t1(root / "raw" / "t1" / f"{s}.nii.gz", auto.preprocessing),
+            lambda s: preprocess("T1", root / "raw" / "t1" / f"{s}.nii.gz", auto.preprocessing),
             [(s,) for s in few],
         )
         frames_root = root / "raw" / "rsfmri_frames" / "img"

@@ -18,7 +18,7 @@ import torch
 from data_prep.cli import main as cli_main
 from data_prep.pack import BuildOptions, build
 from data_prep.synth import synth
-from umbrella_ds.scan.preprocess import preprocess_rsfmri, preprocess_t1
+from umbrella_ds.scan.preprocess import preprocess
 from umbrella_ds.shards import open_dataset, sha256_file
 
 N_SUBJECTS = 8
@@ -94,9 +94,9 @@ def test_layout_and_read_back_equals_preprocessing(cohort: Path, baseline: Path)
         }
         t1 = ds.read(sid, "T1")
         assert t1.dtype == np.float16 and t1.shape == (16, 16, 16)
-        np.testing.assert_array_equal(t1, preprocess_t1(cohort / r["T1"], ds.preprocessing))
+        np.testing.assert_array_equal(t1, preprocess("T1", cohort / r["T1"], ds.preprocessing))
         assert ds.num_frames(sid) == 6
-        full = preprocess_rsfmri(cohort / r["rsfMRI"], ds.preprocessing)
+        full = preprocess("rsfMRI", cohort / r["rsfMRI"], ds.preprocessing)
         win = ds.read_window(sid, "rsfMRI", 2, 3)
         assert win.dtype == np.float16 and win.shape == (8, 8, 8, 3)
         np.testing.assert_array_equal(win, full[..., 2:5])
