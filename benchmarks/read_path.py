@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 BuildOptions(
                     manifest=root / "raw" / "manifest.csv",
                     out=root / "auto",
-                    t1_size=t1_shape,
-                    rsfmri_size=tuple(a.rsfmri_shape),
+                    sizes={"T1": t1_shape, "rsfMRI": tuple(a.rsfmri_shape)},
                     subjects_per_shard=max(1, a.subjects // 2),
                     progress=False,
                 )

@@ -179,7 +179,7 @@ def test_resume_rebuilds_a_corrupt_or_changed_shard(
     data[len(data) // 2] ^= 0xFF
     p.write_bytes(bytes(data))
     opts = BuildOptions(
-        manifest=cohort / "manifest.csv", out=out, t1_size=(16, 16, 16), rsfmri_size=(8, 8, 8),
+        manifest=cohort / "manifest.csv", out=out, sizes={"T1": (16, 16, 16), "rsfMRI": (8, 8, 8)},
         subjects_per_shard=3, resume=True, progress=False,
     )  # fmt: skip
     assert build(opts) == 0
@@ -213,7 +213,7 @@ def test_rsfmri_nifti_and_frame_folders_pack_equal(
         for r in rows:
             w.writerow({**r, "rsfMRI": f"rsfmri_nifti/{r['subjectkey']}.nii.gz"})
     out = tmp_path / "nifti"
-    opts = BuildOptions(manifest=manifest, out=out, modalities=["rsfMRI"], rsfmri_size=(8, 8, 8),
+    opts = BuildOptions(manifest=manifest, out=out, modalities=["rsfMRI"], sizes={"rsfMRI": (8, 8, 8)},
                         subjects_per_shard=3, progress=False)  # fmt: skip
     assert build(opts) == 0
     a, b = open_dataset(out), open_dataset(baseline)
