@@ -149,6 +149,7 @@ class DiscardWriter:
         volumes: dict[str, Any],
         meta: dict[str, dict[str, Any]],
     ) -> None:
+        # Modalities in the order packed (the table's), as the dry run has always counted them.
         entry = {"id": subject_id, "position": position, "modalities": {m: {} for m in volumes}}
         self.subjects.append(entry)
         self.nbytes += sum(v.nbytes for v in volumes.values())
