@@ -40,8 +40,8 @@ import torch
 
 from benchmarks.common import write_result, write_shards
 from data_prep.pack import BuildOptions, build
-from data_prep.preprocess import preprocess_t1
 from data_prep.synth import synth
+from umbrella_ds.scan.preprocess import preprocess
 from umbrella_ds.shards import open_dataset, set_decode_threads
 from umbrella_ds.shards.v1 import open_any
 
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 BuildOptions(
                     manifest=root / "raw" / "manifest.csv",
                     out=root / "auto",
-                    t1_size=t1_shape,
-                    rsfmri_size=tuple(a.rsfmri_shape),
+                    sizes={"T1": t1_shape, "rsfMRI": tuple(a.rsfmri_shape)},
                     subjects_per_shard=max(1, a.subjects // 2),
                     progress=False,
                 )
@@ -188,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 rounds.setdefault(f"rsfmri_window_{name}_ms", []).append(_median_ms(fn, win_args))
         few = picks[: max(3, a.reads // 8)]  # the slow paths: fewer reads suffice for a median
         t1_pred = _median_ms(
-            lambda s: preprocess_t1(root / "raw" / "t1" / f"{s}.nii.gz", auto.preprocessing),
+            lambda s: preprocess("T1", root / "raw" / "t1" / f"{s}.nii.gz", auto.preprocessing),
             [(s,) for s in few],
         )
         frames_root = root / "raw" / "rsfmri_frames" / "img"

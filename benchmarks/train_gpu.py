@@ -362,7 +362,7 @@ def prepare_data(root: Path, cases: list[dict], work: Workload) -> Data:
             status = build(
                 BuildOptions(
                     manifest=data.raw["T1"] / "manifest.csv", out=out, modalities=["T1"],
-                    t1_size=size, workers=work.workers, progress=False,
+                    sizes={"T1": size}, workers=work.workers, progress=False,
                 )
             )  # fmt: skip
             if status != 0:

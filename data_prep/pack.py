@@ -2,56 +2,41 @@
 
 Each shard is built start to finish by one process from its own manifest rows, so the bytes
 of a shard never depend on how many workers or ranks ran. The coordinator (rank 0) writes
-``rejected.csv`` and then ``index.json`` last, both atomically.
+``rejected.csv`` and then ``index.json`` last, both atomically. ``--dry-run`` runs the same jobs
+through the same runner (``runner.py``) with a writer that keeps counts instead of a file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import fcntl
+import functools
 import hashlib
 import io
 import json
-import multiprocessing as mp
 import os
 import socket
 import sys
-import time
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Empty
 from typing import Any
 
-from tqdm import tqdm
-
-from data_prep.preprocess import from_source, make_params_for, read_source
-from data_prep.readers import InputRejected
+from data_prep.manifest import Row, read_manifest
+from data_prep.runner import Report, run_jobs
 from umbrella_ds import modality as modality_table
 from umbrella_ds import shards
-from umbrella_ds.errors import UserError
+from umbrella_ds.errors import UsageError
 from umbrella_ds.io import atomic_write_text
 from umbrella_ds.provenance import write_provenance
+from umbrella_ds.scan.preprocess import from_source, make_params_for, read_source
+from umbrella_ds.scan.readers import InputRejected
 
-ID_COLUMNS = ("subject_id", "subjectkey")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTIONS = 0, 1, 2, 3
 # Test hook: the process that finishes shard k dies at once (simulates a preempted pack).
 DIE_AFTER_ENV = "UMBRELLA_PACK_TEST_DIE_AFTER_SHARD"
-
-
-class UsageError(UserError):
-    """Bad arguments or manifest: exit status 2, message names the problem."""
-
-
-@dataclass
-class Row:
-    position: int
-    subject_id: str
-    paths: dict[str, str]  # modality -> resolved source path ("" when not listed)
-    phenotypes: dict[str, Any]
+REJECTED_COLUMNS = ["subject_id", "modality", "path", "reason"]
 
 
 @dataclass
@@ -63,14 +48,13 @@ class ShardJob:
 
 @dataclass
 class BuildOptions:
+    """``umbrella-pack build``'s options. ``sizes`` and ``norms`` map a modality name (any in the
+    modality table) to its target grid and normalisation; a modality left out gets the table's
+    ``default_size`` / ``default_norm``."""
+
     manifest: Path
     out: Path
     modalities: list[str] | None = None
-    t1_size: tuple[int, int, int] = (96, 96, 96)
-    rsfmri_size: tuple[int, int, int] = (96, 96, 96)
-    t1_norm: str = "zscore"
-    rsfmri_norm: str = "znorm_minback"
-    # Per modality name (any in the modality table); these win over the t1_/rsfmri_ fields.
     sizes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     norms: dict[str, str] = field(default_factory=dict)
     subjects_per_shard: int = 32
@@ -83,80 +67,12 @@ class BuildOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def size_of(self, name: str) -> tuple[int, int, int]:
-        """Target grid of a modality: ``sizes``, else its ``<option>_size`` field, else its default."""
         m = modality_table.get(name)
-        return tuple(self.sizes.get(name) or getattr(self, m.size_dest, m.default_size))
+        return tuple(self.sizes.get(name) or m.default_size)
 
     def norm_of(self, name: str) -> str:
         m = modality_table.get(name)
-        return self.norms.get(name) or getattr(self, m.norm_dest, m.default_norm)
-
-
-def parse_value(text: str) -> Any:
-    """Phenotype cell -> int, float, str, or None when empty (kept exactly otherwise)."""
-    text = text.strip()
-    if text == "" or text.lower() in ("na", "nan", "n/a", "none"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def read_manifest(path: Path, modalities: list[str] | None) -> tuple[list[Row], list[str]]:
-    """Parse the manifest; relative image paths resolve against the manifest's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"manifest {path}: no such file")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        records = list(reader)
-    id_col = next((c for c in ID_COLUMNS if c in columns), None)
-    if id_col is None:
-        raise UsageError(
-            f"manifest {path}: needs a subject_id or subjectkey column (has {columns})"
-        )
-    known = modality_table.all()
-    column = {m.name: m.manifest_column for m in known}
-    available = [m.name for m in known if m.manifest_column in columns]
-    if modalities is None:
-        modalities = available
-    unknown = [m for m in modalities if m not in column]
-    if unknown:
-        raise UsageError(f"unknown modality {unknown}; choose from {list(column)}")
-    missing = [m for m in modalities if column[m] not in columns]
-    if missing:
-        raise UsageError(
-            f"manifest {path}: missing column(s) {missing} for the requested modalities"
-        )
-    if not modalities:
-        raise UsageError(f"manifest {path}: no image column ({' or '.join(column.values())})")
-    pheno_cols = [c for c in columns if c not in ID_COLUMNS and c not in column.values()]
-    base = path.resolve().parent
-    rows: list[Row] = []
-    seen: dict[str, int] = {}
-    for i, rec in enumerate(records):
-        sid = (rec.get(id_col) or "").strip()
-        line = i + 2
-        if not sid:
-            raise UsageError(f"manifest {path}: line {line} has an empty {id_col}")
-        if sid in seen:
-            raise UsageError(
-                f"manifest {path}: duplicate subject id {sid!r} (lines {seen[sid]} and {line})"
-            )
-        seen[sid] = line
-        paths = {}
-        for m in modalities:
-            cell = (rec.get(column[m]) or "").strip()
-            paths[m] = str(base / cell) if cell and not os.path.isabs(cell) else cell
-        pheno = {c: parse_value(rec.get(c) or "") for c in pheno_cols}
-        rows.append(Row(i, sid, paths, pheno))
-    if not rows:
-        raise UsageError(f"manifest {path}: no subjects")
-    return rows, list(modalities)
+        return self.norms.get(name) or m.default_norm
 
 
 def plan(rows: list[Row], subjects_per_shard: int, fixed: dict[str, Any]) -> list[ShardJob]:
@@ -202,26 +118,76 @@ def _process_subject(
     return volumes, meta, rejected
 
 
-def build_shard(
-    job: ShardJob,
-    out: Path,
-    modalities: list[str],
-    params: dict[str, Any],
-    compression: str,
-    on_subject: Callable[[int], None] | None = None,
-) -> shards.ShardRecord:
-    """Build one shard from its rows; ``on_subject(bytes packed)`` reports progress per row."""
-    shapes = {m: tuple(params[m]["size"]) for m in modalities}
-    writer = shards.ShardWriter(out, job.shard, shapes, compression, params, job.job)
+@dataclass(frozen=True)
+class ShardTask:
+    """What every shard job of one run shares (sent with each job to a helper process)."""
+
+    out: Path
+    modalities: list[str]
+    params: dict[str, Any]
+    compression: str
+    resume: bool = False
+    discard: bool = False  # a dry run: count what would be written, write nothing
+
+
+@dataclass
+class DiscardWriter:
+    """The dry run's writer: :class:`shards.ShardWriter`'s interface, no file. It keeps what the
+    dry run reports (subjects with their modalities, float16 bytes, rejections) and is its own
+    record on close."""
+
+    shard: int
+    subjects: list[dict[str, Any]] = field(default_factory=list)
+    rejections: list[dict[str, str]] = field(default_factory=list)
+    nbytes: int = 0
+
+    def add_subject(
+        self,
+        subject_id: str,
+        position: int,
+        phenotypes: dict[str, Any],
+        volumes: dict[str, Any],
+        meta: dict[str, dict[str, Any]],
+    ) -> None:
+        # Modalities in the order packed (the table's), as the dry run has always counted them.
+        entry = {"id": subject_id, "position": position, "modalities": {m: {} for m in volumes}}
+        self.subjects.append(entry)
+        self.nbytes += sum(v.nbytes for v in volumes.values())
+
+    def add_rejection(self, subject_id: str, modality: str, path: str, reason: str) -> None:
+        self.rejections.append(dict(zip(REJECTED_COLUMNS, (subject_id, modality, path, reason))))
+
+    def close(self) -> DiscardWriter:
+        return self
+
+    def abort(self) -> None:
+        pass
+
+
+# What a shard job returns: the written shard's index record, or a dry run's counts.
+Record = shards.ShardRecord | DiscardWriter
+
+
+def build_shard(job: ShardJob, task: ShardTask, report: Report | None = None) -> Record:
+    """Build one shard from its rows (``shards.ShardRecord``; a :class:`DiscardWriter` for a dry
+    run); ``report(bytes packed)`` moves the progress bar once per row."""
+    writer: shards.ShardWriter | DiscardWriter
+    if task.discard:
+        writer = DiscardWriter(job.shard)
+    else:
+        shapes = {m: tuple(task.params[m]["size"]) for m in task.modalities}
+        writer = shards.ShardWriter(
+            task.out, job.shard, shapes, task.compression, task.params, job.job
+        )
     try:
         for row in job.rows:
-            volumes, meta, rejected = _process_subject(row, modalities, params)
+            volumes, meta, rejected = _process_subject(row, task.modalities, task.params)
             for m, path, reason in rejected:
                 writer.add_rejection(row.subject_id, m, path, reason)
             if volumes:
                 writer.add_subject(row.subject_id, row.position, row.phenotypes, volumes, meta)
-            if on_subject is not None:
-                on_subject(sum(v.nbytes for v in volumes.values()))
+            if report is not None:  # a dry run packs nothing: its bar shows 0 MB/s packed
+                report(0 if task.discard else sum(v.nbytes for v in volumes.values()))
         record = writer.close()
     except BaseException:
         writer.abort()
@@ -229,43 +195,32 @@ def build_shard(
     return record
 
 
-def run_shard(
-    job: ShardJob,
-    out: Path,
-    modalities: list[str],
-    params: dict[str, Any],
-    compression: str,
-    resume: bool,
-) -> tuple[shards.ShardRecord, bool]:
+def run_shard(job: ShardJob, report: Report, task: ShardTask) -> tuple[Record, bool]:
     """Keep a verified shard from an earlier run (resume) or build it; returns (record, reused)."""
-    record = shards.reuse_shard(out / shards.shard_name(job.shard), job.job) if resume else None
+    path = task.out / shards.shard_name(job.shard)
+    record: Record | None = shards.reuse_shard(path, job.job) if task.resume else None
     reused = record is not None
     if record is None:
-        record = build_shard(job, out, modalities, params, compression, _report)
+        record = build_shard(job, task, report)
     else:
         for _ in job.rows:
-            _report(0)
-    if os.environ.get(DIE_AFTER_ENV) == str(job.shard):
+            report(0)
+    if not task.discard and os.environ.get(DIE_AFTER_ENV) == str(job.shard):
         os._exit(137)
     return record, reused
 
 
-# Where a process reports per-subject progress: the coordinator's bar (in-process) or a
-# multiprocessing queue the coordinator drains (worker processes get it at start-up).
-_progress_sink: Callable[[int], None] | None = None
-
-
-def _report(nbytes: int) -> None:
-    if _progress_sink is not None:
-        _progress_sink(nbytes)
-
-
-def _worker_init(queue: Any) -> None:
-    global _progress_sink
-    import torch
-
-    torch.set_num_threads(1)  # K workers on K cores; determinism does not depend on it
-    _progress_sink = queue.put
+def _run(
+    jobs: list[ShardJob], task: ShardTask, workers: int, progress: bool
+) -> list[tuple[Record, bool]]:
+    """Every job through the runner: ``(record, reused)`` per job, in job order."""
+    return run_jobs(
+        jobs,
+        functools.partial(run_shard, task=task),
+        workers=workers,
+        subjects=sum(len(j.rows) for j in jobs),
+        progress=progress,
+    )
 
 
 def _clean_temporaries(out: Path) -> None:
@@ -316,13 +271,7 @@ def _write_outputs(
         if k >= n_shards:
             p.unlink()
     rejections = [r for rec in sorted(records, key=lambda r: r.shard) for r in rec.rejections]
-    buf = io.StringIO()
-    w = csv.DictWriter(
-        buf, fieldnames=["subject_id", "modality", "path", "reason"], lineterminator="\n"
-    )
-    w.writeheader()
-    w.writerows(rejections)
-    atomic_write_text(out / shards.REJECTED_NAME, buf.getvalue())
+    atomic_write_text(out / shards.REJECTED_NAME, _rejections_csv(rejections))
     if not any(rec.subjects for rec in records):
         (out / shards.INDEX_NAME).unlink(missing_ok=True)
         _write_pack_provenance(out, opts, params, None, rejections, n_shards, ranks)
@@ -380,6 +329,23 @@ def _write_pack_provenance(
     )
 
 
+def _modality_counts(subjects: list[dict[str, Any]]) -> str:
+    """``T1: 10, rsfMRI: 9``: subjects per modality, in order of first appearance."""
+    per_mod: dict[str, int] = {}
+    for s in subjects:
+        for m in s["modalities"]:
+            per_mod[m] = per_mod.get(m, 0) + 1
+    return ", ".join(f"{m}: {n}" for m, n in per_mod.items())
+
+
+def _rejections_csv(rejections: list[dict[str, str]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=REJECTED_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rejections)
+    return buf.getvalue()
+
+
 def _summary(
     out: Path, index: dict[str, Any] | None, rejections: list, reused: int, n_shards: int
 ) -> int:
@@ -389,11 +355,7 @@ def _summary(
             file=sys.stderr,
         )
         return EXIT_FAILED
-    per_mod: dict[str, int] = {}
-    for s in index["subjects"]:
-        for m in s["modalities"]:
-            per_mod[m] = per_mod.get(m, 0) + 1
-    mods = ", ".join(f"{m}: {n}" for m, n in per_mod.items())
+    mods = _modality_counts(index["subjects"])
     kept = f" ({reused} kept from an earlier run)" if reused else ""
     print(
         f"packed {len(index['subjects'])} subjects ({mods}) into {n_shards} shards{kept} in {out}"
@@ -406,21 +368,6 @@ def _summary(
         return EXIT_REJECTIONS
     print(f"ALL PACKED: no rejections (exit {EXIT_OK})")
     return EXIT_OK
-
-
-def _progress(total: int, enabled: bool) -> tuple[Any, Callable[[int], None]]:
-    """tqdm bar over subjects; the postfix is packed float16 MB/s."""
-    bar = tqdm(total=total, unit="subj", desc="packing", disable=not enabled, mininterval=1.0)
-    start = time.perf_counter()
-    written = [0]
-
-    def update(nbytes: int) -> None:
-        written[0] += nbytes
-        elapsed = max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix_str(f"{written[0] / elapsed / 1e6:.1f} MB/s", refresh=False)
-        bar.update(1)
-
-    return bar, update
 
 
 def build(opts: BuildOptions) -> int:
@@ -449,112 +396,25 @@ def build(opts: BuildOptions) -> int:
         "subjects_per_shard": opts.subjects_per_shard,
     }
     jobs = plan(rows, opts.subjects_per_shard, fixed)
+    task = ShardTask(opts.out, modalities, params, opts.compression, opts.resume)
     if opts.dry_run:
         if opts.mpi:
             raise UsageError("--dry-run runs on one node: drop --mpi (use --workers)")
-        return dry_run(opts, jobs, modalities, params)
+        return dry_run(opts, jobs, task)
     if opts.mpi:
-        return _build_mpi(opts, jobs, modalities, params)
+        return _build_mpi(opts, jobs, task)
     _check_out_dir(opts.out, opts.resume)
     opts.out.mkdir(parents=True, exist_ok=True)
     with contextlib.closing(_lock_out_dir(opts.out)):
         _clean_temporaries(opts.out)
-        records, reused = _run_local(opts, jobs, modalities, params)
+        results = _run(jobs, task, opts.workers, opts.progress)
+        records = [record for record, _ in results]
         index, rejections = _write_outputs(opts.out, records, opts, params, len(jobs))
+    reused = sum(kept for _, kept in results)
     return _summary(opts.out, index, rejections, reused, len(jobs))
 
 
-def _run_local(
-    opts: BuildOptions, jobs: list[ShardJob], modalities: list[str], params: dict[str, Any]
-) -> tuple[list[shards.ShardRecord], int]:
-    bar, update = _progress(sum(len(j.rows) for j in jobs), opts.progress)
-    records: list[shards.ShardRecord] = []
-    reused = 0
-    args = (opts.out, modalities, params, opts.compression, opts.resume)
-    global _progress_sink
-    with bar:
-        _progress_sink = update
-        try:
-            if opts.workers == 1 or len(jobs) == 1:
-                for job in jobs:
-                    record, kept = run_shard(job, *args)
-                    records.append(record)
-                    reused += kept
-            else:
-                reused = _run_pool(opts.workers, jobs, args, records, update)
-        finally:
-            _progress_sink = None
-    return records, reused
-
-
-def _run_pool(
-    workers: int,
-    jobs: list[ShardJob],
-    args: tuple[Any, ...],
-    records: list[shards.ShardRecord],
-    update: Callable[[int], None],
-) -> int:
-    """``workers`` processes build the shards: ``workers - 1`` spawned helpers and this one.
-
-    Why the coordinator works too: a spawned helper needs seconds to import torch before its
-    first shard (measured: 2.8 s on the 2-core VM), and the coordinator, which has everything
-    imported, would otherwise sit idle collecting results. It builds shards from the back of
-    the list while helpers take them from the front, and between its own shards hands helpers
-    new ones (each helper has one running and one queued, so none waits on the coordinator).
-    Every process runs one intra-op thread: K workers on K cores, no oversubscription. A shard
-    is still built start to finish by one process, so the bytes never depend on the count.
-    """
-    import torch
-
-    ctx = mp.get_context("spawn")  # h5py/torch state never crosses a fork
-    queue = ctx.Queue()
-    helpers = workers - 1
-    todo = deque(jobs)
-    reused = 0
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ProcessPoolExecutor(
-            helpers, mp_context=ctx, initializer=_worker_init, initargs=(queue,)
-        ) as pool:
-            pending: set[Any] = set()
-
-            def refill() -> None:
-                while todo and len(pending) < 2 * helpers:
-                    pending.add(pool.submit(run_shard, todo.popleft(), *args))
-
-            refill()
-            while todo or pending:
-                if todo:
-                    record, kept = run_shard(todo.pop(), *args)
-                    records.append(record)
-                    reused += kept
-                done, pending = wait(
-                    pending, timeout=0 if todo else 0.5, return_when=FIRST_COMPLETED
-                )
-                _drain(queue, update)
-                for fut in done:
-                    record, kept = fut.result()
-                    records.append(record)
-                    reused += kept
-                refill()
-        _drain(queue, update)
-    finally:
-        torch.set_num_threads(threads)
-    return reused
-
-
-def _drain(queue: Any, update: Callable[[int], None]) -> None:
-    while True:
-        try:
-            update(queue.get_nowait())
-        except Empty:
-            return
-
-
-def _build_mpi(
-    opts: BuildOptions, jobs: list[ShardJob], modalities: list[str], params: dict[str, Any]
-) -> int:
+def _build_mpi(opts: BuildOptions, jobs: list[ShardJob], task: ShardTask) -> int:
     """Shards round-robin over ranks; rank 0 gathers the records and writes index last."""
     from mpi4py import MPI
 
@@ -576,11 +436,7 @@ def _build_mpi(
     mine = [job for job in jobs if job.shard % size == rank]
     result: tuple[str, Any]
     try:
-        local = BuildOptions(
-            **{**opts.__dict__, "workers": 1, "progress": opts.progress and rank == 0}
-        )
-        records, reused = _run_local(local, mine, modalities, params)
-        result = ("ok", (records, reused))
+        result = ("ok", _run(mine, task, 1, opts.progress and rank == 0))
     except Exception as exc:
         result = ("error", f"rank {rank}: {type(exc).__name__}: {exc}")
     gathered = comm.gather(result, root=0)
@@ -592,69 +448,24 @@ def _build_mpi(
             for e in errors:
                 print(f"FAILED: {e}", file=sys.stderr)
         else:
-            all_records = [rec for r in gathered for rec in r[1][0]]
-            reused_all = sum(r[1][1] for r in gathered)
+            results = [one for r in gathered for one in r[1]]
+            records = [record for record, _ in results]
+            reused = sum(kept for _, kept in results)
             index, rejections = _write_outputs(
-                opts.out, all_records, opts, params, len(jobs), ranks
+                opts.out, records, opts, task.params, len(jobs), ranks
             )
-            status = _summary(opts.out, index, rejections, reused_all, len(jobs))
+            status = _summary(opts.out, index, rejections, reused, len(jobs))
         if lock is not None:
             lock.close()
     return comm.bcast(status, root=0)
 
 
-# ---------------------------------------------------------------- --dry-run
-
-
-def _dry_shard(job: ShardJob, modalities: list[str], params: dict[str, Any]) -> dict[str, Any]:
-    """Read and preprocess every input of one shard as the build would, keeping nothing."""
-    result: dict[str, Any] = {"subjects": 0, "per_modality": {}, "bytes": 0, "rejections": []}
-    for row in job.rows:
-        volumes, _, rejected = _process_subject(row, modalities, params)
-        for m, path, reason in rejected:
-            result["rejections"].append(
-                {"subject_id": row.subject_id, "modality": m, "path": path, "reason": reason}
-            )
-        if volumes:
-            result["subjects"] += 1
-            for m, arr in volumes.items():
-                result["per_modality"][m] = result["per_modality"].get(m, 0) + 1
-                result["bytes"] += arr.nbytes
-        _report(0)
-    return result
-
-
-def _dry_run_local(opts: BuildOptions, jobs: list[ShardJob], modalities, params) -> list[dict]:
-    bar, update = _progress(sum(len(j.rows) for j in jobs), opts.progress)
-    global _progress_sink
-    with bar:
-        if opts.workers == 1 or len(jobs) == 1:
-            _progress_sink = update
-            try:
-                return [_dry_shard(job, modalities, params) for job in jobs]
-            finally:
-                _progress_sink = None
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        with ProcessPoolExecutor(
-            opts.workers, mp_context=ctx, initializer=_worker_init, initargs=(queue,)
-        ) as pool:
-            futures = [pool.submit(_dry_shard, job, modalities, params) for job in jobs]
-            pending = set(futures)
-            while pending:
-                _, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                _drain(queue, update)
-            _drain(queue, update)
-            return [f.result() for f in futures]
-
-
-def dry_run(
-    opts: BuildOptions, jobs: list[ShardJob], modalities: list[str], params: dict[str, Any]
-) -> int:
+def dry_run(opts: BuildOptions, jobs: list[ShardJob], task: ShardTask) -> int:
     """``build --dry-run``: what a build would pack and reject, and its size; writes nothing.
 
     Every input is read and preprocessed (rejections such as NaN values or a float16 overflow
-    after normalisation are only known that way), so it costs about what a build costs, minus the
+    after normalisation are only known that way): the build's jobs run through the build's
+    runner with a :class:`DiscardWriter`, so it costs about what a build costs, minus the
     writing. The output directory is checked as a build would check it, but never created. With
     ``--resume``, shards a build would keep are reported and not re-read. Exit statuses are the
     build's: 0 nothing would be rejected, 3 some inputs would be, 1 every input would be.
@@ -666,39 +477,29 @@ def dry_run(
         if opts.resume and shards.reuse_shard(opts.out / shards.shard_name(job.shard), job.job)
     }
     todo = [job for job in jobs if job.shard not in kept]
-    results = _dry_run_local(opts, todo, modalities, params)
-    subjects = sum(r["subjects"] for r in results)
-    per_mod: dict[str, int] = {}
-    for r in results:
-        for m, n in r["per_modality"].items():
-            per_mod[m] = per_mod.get(m, 0) + n
-    nbytes = sum(r["bytes"] for r in results)
-    rejections = [x for r in results for x in r["rejections"]]
+    dry = dataclasses.replace(task, resume=False, discard=True)
+    records = [record for record, _ in _run(todo, dry, opts.workers, opts.progress)]
+    subjects = [s for r in records for s in r.subjects]
+    rejections = [x for r in records for x in r.rejections]
     n_rows = sum(len(j.rows) for j in jobs)
     print(f"DRY RUN: nothing written ({opts.out} left as it is)")
     print(f"manifest      {opts.manifest}: {n_rows} subjects -> {len(jobs)} shards")
     if kept:
         print(f"kept          {len(kept)} complete shard(s) of an earlier run (--resume)")
-    mods = ", ".join(f"{m}: {n}" for m, n in per_mod.items()) or "none"
-    print(f"would pack    {subjects} subjects ({mods}) in {len(todo)} shard(s)")
+    mods = _modality_counts(subjects) or "none"
+    print(f"would pack    {len(subjects)} subjects ({mods}) in {len(todo)} shard(s)")
     print(
-        f"estimated     {nbytes / 1e6:.2f} MB of float16 data"
+        f"estimated     {sum(r.nbytes for r in records) / 1e6:.2f} MB of float16 data"
         + (f" before {opts.compression} compression" if opts.compression != "none" else "")
     )
-    for m, p in params.items():
+    for m, p in task.params.items():
         print(f"  {m:<10} grid {tuple(p['size'])}, norm {p['norm']}")
     if rejections:
         print(f"would reject  {len(rejections)} input(s):")
-        buf = io.StringIO()
-        w = csv.DictWriter(
-            buf, fieldnames=["subject_id", "modality", "path", "reason"], lineterminator="\n"
-        )
-        w.writeheader()
-        w.writerows(rejections)
-        print("  " + buf.getvalue().rstrip("\n").replace("\n", "\n  "))
+        print("  " + _rejections_csv(rejections).rstrip("\n").replace("\n", "\n  "))
     else:
         print("would reject  nothing")
-    if subjects == 0 and not kept:
+    if not subjects and not kept:
         print("FAILED: every input would be rejected", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_REJECTIONS if rejections else EXIT_OK

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.preprocess import rsfmri_stats
 from umbrella_ds import modality as modality_table
+from umbrella_ds.scan.preprocess import series_stats
 
 SEX_CODES = {1: "male", 2: "female"}
 T1_PROMPT = (
@@ -294,7 +294,7 @@ def synth(
         folder.mkdir(parents=True, exist_ok=True)
         for t in range(frames):
             torch.save(torch.from_numpy(series_txyz[t].copy()), folder / f"frame_{t}.pt")
-        stats = rsfmri_stats(series_txyz)
+        stats = series_stats(series_txyz)
         torch.save(
             {k: torch.tensor(v, dtype=torch.float64) for k, v in stats.items()},
             folder / "global_stats.pt",

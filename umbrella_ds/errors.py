@@ -20,7 +20,7 @@ the log shows it once, and every rank exits 2 (the deepspeed launcher then exits
 failing rank's status, 2). ``UMBRELLA_DEBUG=1`` makes every rank print, with its rank.
 
 Library code raises a subclass of :class:`UserError` (``ConfigError``, ``InstructionError``,
-``pack.UsageError``, ...); the message starts with where the problem is. Nothing here imports
+``UsageError``, ...); the message starts with where the problem is. Nothing here imports
 torch: the CLIs import this module before anything slow.
 """
 

@@ -6,7 +6,7 @@
 Why it gives the answer evaluation would give: the export carries everything that shaped the
 training inputs (``export.json``: the preprocessing parameters the shards were packed with, the
 base model's identity and a hash of its frozen weights, the run config; ``tokenizer/``). A scan
-goes through ``data_prep.preprocess`` with those parameters, which is the packing code itself,
+goes through ``umbrella_ds.scan.preprocess`` with those parameters (the packing code itself),
 then through the evaluation path: the same instruction parser, renderer, dataset item, collate
 and greedy decoding (no sampling), with an in-memory reader in place of the shards.
 
@@ -92,8 +92,8 @@ def preprocess_scans(
     scans: list[tuple[str, Path]], info: dict[str, Any]
 ) -> dict[str, dict[str, np.ndarray]]:
     """Each scan -> the array packing would have stored, checked against the model's input grid."""
-    from data_prep.preprocess import preprocess
-    from data_prep.readers import InputRejected
+    from umbrella_ds.scan.preprocess import preprocess
+    from umbrella_ds.scan.readers import InputRejected
 
     params = info.get("preprocessing")
     if not params:

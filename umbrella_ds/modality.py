@@ -12,7 +12,7 @@ Most per-modality behaviour follows from ``ndim``: a volume is read as a 3D NIfT
 one HDF5 chunk per subject, embedded by a Conv3d and read whole; a series is read as a 4D NIfTI
 or a SwiFT frame folder, stored as ragged frames with per-subject offsets, embedded as 4D
 blocks by a Linear, and read as a window of frames. The properties below name those choices,
-and the modules that implement them (``data_prep.readers``/``preprocess``, ``shards``,
+and the modules that implement them (``umbrella_ds.scan.readers``/``preprocess``, ``shards``,
 ``model.patch_embed``, ``data.dataset``) branch on them, never on a name.
 
 Registration reaches other processes (``umbrella-pack``, the deepspeed launcher's ranks)
@@ -34,7 +34,7 @@ from typing import Any
 PLUGINS_ENV = "UMBRELLA_MODALITY_PLUGINS"
 VOLUME, SERIES = 3, 4  # the two dimensionalities the pipeline knows
 
-# Normalisation modes (formulas: docs/FORMAT.md, code: data_prep/preprocess.py).
+# Normalisation modes (formulas: docs/FORMAT.md, code: umbrella_ds/scan/preprocess.py).
 VOLUME_NORMS = ("zscore", "none")
 SERIES_NORMS = ("znorm_minback", "znorm_zeroback", "minmax", "none")
 

@@ -216,7 +216,7 @@ def test_t2_packs_trains_and_evaluates_without_changing_the_package(
         "--t1-size", "16", "16", "16", "--t2-size", "16", "16", "16", "--t2-norm", "zscore",
         "--subjects-per-shard", "4", "--no-progress")  # fmt: skip
     run(BIN / "umbrella-pack", "verify", shards_dir)
-    from data_prep.preprocess import preprocess
+    from umbrella_ds.scan.preprocess import preprocess
     from umbrella_ds.shards import open_dataset
 
     ds = open_dataset(shards_dir)

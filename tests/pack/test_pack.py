@@ -17,8 +17,8 @@ import torch
 
 from data_prep.cli import main as cli_main
 from data_prep.pack import BuildOptions, build
-from data_prep.preprocess import preprocess_rsfmri, preprocess_t1
 from data_prep.synth import synth
+from umbrella_ds.scan.preprocess import preprocess
 from umbrella_ds.shards import open_dataset, sha256_file
 
 N_SUBJECTS = 8
@@ -94,9 +94,9 @@ def test_layout_and_read_back_equals_preprocessing(cohort: Path, baseline: Path)
         }
         t1 = ds.read(sid, "T1")
         assert t1.dtype == np.float16 and t1.shape == (16, 16, 16)
-        np.testing.assert_array_equal(t1, preprocess_t1(cohort / r["T1"], ds.preprocessing))
+        np.testing.assert_array_equal(t1, preprocess("T1", cohort / r["T1"], ds.preprocessing))
         assert ds.num_frames(sid) == 6
-        full = preprocess_rsfmri(cohort / r["rsfMRI"], ds.preprocessing)
+        full = preprocess("rsfMRI", cohort / r["rsfMRI"], ds.preprocessing)
         win = ds.read_window(sid, "rsfMRI", 2, 3)
         assert win.dtype == np.float16 and win.shape == (8, 8, 8, 3)
         np.testing.assert_array_equal(win, full[..., 2:5])
@@ -179,7 +179,7 @@ def test_resume_rebuilds_a_corrupt_or_changed_shard(
     data[len(data) // 2] ^= 0xFF
     p.write_bytes(bytes(data))
     opts = BuildOptions(
-        manifest=cohort / "manifest.csv", out=out, t1_size=(16, 16, 16), rsfmri_size=(8, 8, 8),
+        manifest=cohort / "manifest.csv", out=out, sizes={"T1": (16, 16, 16), "rsfMRI": (8, 8, 8)},
         subjects_per_shard=3, resume=True, progress=False,
     )  # fmt: skip
     assert build(opts) == 0
@@ -213,7 +213,7 @@ def test_rsfmri_nifti_and_frame_folders_pack_equal(
         for r in rows:
             w.writerow({**r, "rsfMRI": f"rsfmri_nifti/{r['subjectkey']}.nii.gz"})
     out = tmp_path / "nifti"
-    opts = BuildOptions(manifest=manifest, out=out, modalities=["rsfMRI"], rsfmri_size=(8, 8, 8),
+    opts = BuildOptions(manifest=manifest, out=out, modalities=["rsfMRI"], sizes={"rsfMRI": (8, 8, 8)},
                         subjects_per_shard=3, progress=False)  # fmt: skip
     assert build(opts) == 0
     a, b = open_dataset(out), open_dataset(baseline)

@@ -9,19 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.preprocess import (
-    make_params,
-    normalise_rsfmri,
-    preprocess_rsfmri,
-    preprocess_t1,
+from umbrella_ds.scan.preprocess import (
+    make_params_for,
+    normalise_series,
+    preprocess,
     resize,
-    rsfmri_from_source,
-    rsfmri_stats,
+    series_from_source,
+    series_stats,
     to_float16,
 )
-from data_prep.readers import InputRejected, read_frame_folder, read_nifti, read_rsfmri
+from umbrella_ds.scan.readers import InputRejected, read_frame_folder, read_nifti, read_series
 
-PARAMS = make_params((16, 16, 16), (8, 8, 8))
+PARAMS = make_params_for({"T1": (16, 16, 16), "rsfMRI": (8, 8, 8)})
 
 
 def _ras_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
@@ -58,7 +57,7 @@ def _expected_t1(vol_ras: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("shape", [(16, 16, 16), (20, 24, 18), (32, 32, 32), (12, 10, 14)])
 def test_t1_round_trip_over_source_shapes(tmp_path: Path, shape: tuple[int, int, int]) -> None:
     vol = _ras_volume(shape)
-    out = preprocess_t1(_save(tmp_path, "a.nii.gz", vol, np.eye(4)), PARAMS)
+    out = preprocess("T1", _save(tmp_path, "a.nii.gz", vol, np.eye(4)), PARAMS)
     assert out.dtype == np.float16 and out.shape == (16, 16, 16)
     np.testing.assert_array_equal(out, _expected_t1(vol))
     # z-scored then rounded to float16 (2^-11 relative per voxel): mean 0 and std 1 to ~1e-3;
@@ -78,8 +77,8 @@ def test_orientation_is_canonicalised(tmp_path: Path, codes: str) -> None:
     src = read_nifti(path, 3)
     assert src.orientation == codes
     np.testing.assert_array_equal(src.data, vol)
-    ras = preprocess_t1(_save(tmp_path, "r.nii.gz", vol, np.eye(4)), PARAMS)
-    np.testing.assert_array_equal(preprocess_t1(path, PARAMS), ras)
+    ras = preprocess("T1", _save(tmp_path, "r.nii.gz", vol, np.eye(4)), PARAMS)
+    np.testing.assert_array_equal(preprocess("T1", path, PARAMS), ras)
 
 
 def test_int16_with_scl_slope_and_inter(tmp_path: Path) -> None:
@@ -92,10 +91,10 @@ def test_int16_with_scl_slope_and_inter(tmp_path: Path) -> None:
     # values up to 760 held in float32 (ulp 6.1e-5 there); measured 0 under
     # ATEN_CPU_CAPABILITY=default/avx2/avx512 (AMD EPYC, 2026-12-07), like every bound below
     np.testing.assert_allclose(src.data, raw.astype(np.float64) * 0.25 + 10.0, rtol=0, atol=1e-4)
-    expected = preprocess_t1(
-        _save(tmp_path, "f.nii", raw * np.float32(0.25) + np.float32(10), np.eye(4)), PARAMS
+    expected = preprocess(
+        "T1", _save(tmp_path, "f.nii", raw * np.float32(0.25) + np.float32(10), np.eye(4)), PARAMS
     )
-    np.testing.assert_array_equal(preprocess_t1(path, PARAMS), expected)
+    np.testing.assert_array_equal(preprocess("T1", path, PARAMS), expected)
 
 
 @pytest.mark.parametrize("dtype", [">f4", "<f4", ">i2", "<f8", "uint8"])
@@ -109,7 +108,9 @@ def test_dtypes_and_byte_orders(tmp_path: Path, dtype: str) -> None:
     assert on_disk == np.dtype(dtype), on_disk
     src = read_nifti(path, 3)
     np.testing.assert_array_equal(src.data, vol.astype(np.float32))
-    np.testing.assert_array_equal(preprocess_t1(path, PARAMS), _expected_t1(vol.astype(np.float32)))
+    np.testing.assert_array_equal(
+        preprocess("T1", path, PARAMS), _expected_t1(vol.astype(np.float32))
+    )
 
 
 def test_resize_area_down_is_block_mean_and_identity_is_exact() -> None:
@@ -133,7 +134,7 @@ def _series(shape=(6, 10, 10, 10), seed=0) -> np.ndarray:
 
 def test_rsfmri_stats_use_foreground_ddof0() -> None:
     s = _series()
-    st = rsfmri_stats(s)
+    st = series_stats(s)
     fg = s[s != 0].astype(np.float64)
     assert st["global_mean"] == pytest.approx(fg.mean())
     assert st["global_std"] == pytest.approx(fg.std(ddof=0))
@@ -143,17 +144,17 @@ def test_rsfmri_stats_use_foreground_ddof0() -> None:
 
 def test_rsfmri_normalisation_modes() -> None:
     s = _series()
-    st = rsfmri_stats(s)
+    st = series_stats(s)
     m, sd = st["global_mean"], st["global_std"]
-    minback = normalise_rsfmri(s, "znorm_minback", st)
+    minback = normalise_series(s, "znorm_minback", st)
     np.testing.assert_allclose(minback[:, 0], -m / sd, rtol=1e-5)  # measured 6.5e-8 (float32)
     assert abs(float(minback[s != 0].mean())) < 1e-4
-    zero = normalise_rsfmri(s, "znorm_zeroback", st)
+    zero = normalise_series(s, "znorm_zeroback", st)
     assert np.all(zero[:, :2] == 0)
     np.testing.assert_allclose(zero[s != 0], minback[s != 0])
-    mm = normalise_rsfmri(s, "minmax", st)
+    mm = normalise_series(s, "minmax", st)
     assert float(mm.max()) == pytest.approx(1.0)
-    np.testing.assert_array_equal(normalise_rsfmri(s, "none", st), s)
+    np.testing.assert_array_equal(normalise_series(s, "none", st), s)
 
 
 def test_frame_folder_equals_4d_nifti(tmp_path: Path) -> None:
@@ -163,17 +164,17 @@ def test_frame_folder_equals_4d_nifti(tmp_path: Path) -> None:
     folder.mkdir(parents=True)
     for t in range(s.shape[0]):
         torch.save(torch.from_numpy(s[t].copy()), folder / f"frame_{t}.pt")
-    st = rsfmri_stats(s)
+    st = series_stats(s)
     torch.save(
         {k: torch.tensor(v, dtype=torch.float64) for k, v in st.items()}, folder / "global_stats.pt"
     )
     for norm in ("znorm_minback", "znorm_zeroback", "minmax", "none"):
-        params = make_params(None, (8, 8, 8), rsfmri_norm=norm)
-        a = rsfmri_from_source(read_rsfmri(nii), params)
-        b = rsfmri_from_source(read_rsfmri(folder), params)
+        params = make_params_for({"rsfMRI": (8, 8, 8)}, {"rsfMRI": norm})
+        a = series_from_source(read_series(nii), params, "rsfMRI")
+        b = series_from_source(read_series(folder), params, "rsfMRI")
         assert a[1]["stats_source"] == "per_subject" and b[1]["stats_source"] == "global_stats.pt"
         np.testing.assert_array_equal(a[0], b[0])
-    out = preprocess_rsfmri(folder, make_params(None, (8, 8, 8)))
+    out = preprocess("rsfMRI", folder, make_params_for({"rsfMRI": (8, 8, 8)}))
     assert out.shape == (8, 8, 8, 5) and out.dtype == np.float16
 
 
@@ -212,7 +213,7 @@ def test_t1_rejections(tmp_path: Path, make, reason: str) -> None:
     path = tmp_path / "x.nii.gz"
     make(path)
     with pytest.raises(InputRejected, match=reason):
-        preprocess_t1(path, PARAMS)
+        preprocess("T1", path, PARAMS)
 
 
 def test_truncated_nifti_is_rejected(tmp_path: Path) -> None:
@@ -220,7 +221,7 @@ def test_truncated_nifti_is_rejected(tmp_path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputRejected, match="unreadable"):
-        preprocess_t1(path, PARAMS)
+        preprocess("T1", path, PARAMS)
 
 
 def test_frame_folder_rejections(tmp_path: Path) -> None:
@@ -239,4 +240,6 @@ def test_frame_folder_rejections(tmp_path: Path) -> None:
     empty.mkdir()
     torch.save(torch.zeros(4, 4, 4), empty / "frame_0.pt")
     with pytest.raises(InputRejected, match="empty image"):
-        rsfmri_from_source(read_frame_folder(empty), make_params(None, (4, 4, 4)))
+        series_from_source(
+            read_frame_folder(empty), make_params_for({"rsfMRI": (4, 4, 4)}), "rsfMRI"
+        )

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.readers import read_frame_folder, read_nifti
 from data_prep.synth import synth
+from umbrella_ds.scan.readers import read_frame_folder, read_nifti
 
 N = 20
 
@@ -170,9 +170,9 @@ def test_cli_is_deterministic(tmp_path: Path) -> None:
 def test_rsfmri_is_brain_in_a_constant_background(tmp_path: Path) -> None:
     """Realistic rsfMRI: a brain mask of the documented fraction (1/3 of the box), the same in
     every frame; background exactly 0 (constant after normalisation); noisy inside."""
-    from data_prep.preprocess import make_params, rsfmri_from_source
-    from data_prep.readers import read_rsfmri
     from data_prep.synth import BRAIN_FRACTION, brain_mask
+    from umbrella_ds.scan.preprocess import make_params_for, series_from_source
+    from umbrella_ds.scan.readers import read_series
 
     synth(tmp_path, 2, seed=3, t1_shape=(16, 16, 16), frames=6, rsfmri_shape=(32, 32, 32))
     key = (tmp_path / "phenotypes.csv").read_text().splitlines()[1].split(",")[0]
@@ -184,7 +184,8 @@ def test_rsfmri_is_brain_in_a_constant_background(tmp_path: Path) -> None:
     assert abs(brain_mask((96, 96, 96)).mean() - BRAIN_FRACTION) < 0.01
     brain = series[:, inside[0]]
     assert brain.std(axis=0).mean() > 0.02 * brain.mean()  # voxels fluctuate over time
-    params = make_params(None, (32, 32, 32), "zscore", "znorm_minback")
-    out, _ = rsfmri_from_source(read_rsfmri(tmp_path / "rsfmri_frames" / "img" / key), params)
+    params = make_params_for({"rsfMRI": (32, 32, 32)}, {"rsfMRI": "znorm_minback"})
+    src = read_series(tmp_path / "rsfmri_frames" / "img" / key)
+    out, _ = series_from_source(src, params, "rsfMRI")
     background = out[0][~inside[0]]  # (T, D, H, W) after normalisation
     assert background.size and (background == background.flat[0]).all()

@@ -1,7 +1,7 @@
 """THE shard format (v2): names, writer, index, reader, verify/info and upgrade. One source of truth.
 
 A dataset directory holds ``shard-00000.h5`` ... and ``index.json`` (written last). Packing
-(``data_prep``) writes shards through :class:`ShardWriter` and the index through
+(the packer, ``umbrella-pack``) writes shards through :class:`ShardWriter` and the index through
 :func:`write_index`; training reads through :func:`open_dataset`. The layout is specified in
 ``docs/FORMAT.md``; the names of files, datasets and attributes live in ``format`` only.
 

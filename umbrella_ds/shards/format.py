@@ -126,7 +126,7 @@ class UpgradeRequiredError(UserError):
 
 
 def upgrade_command(path: Path) -> str:
-    """The command that converts a dataset to FORMAT_VERSION (data_prep/cli.py `upgrade`),
+    """The command that converts a dataset to FORMAT_VERSION (`umbrella-pack upgrade`),
     quoted for a shell so it can be pasted as printed."""
     return f"umbrella-pack upgrade {shlex.quote(str(path))}"
 

@@ -1,4 +1,4 @@
-"""Source readers: NIfTI (T1 3D, rsfMRI 4D) and SwiFT-style rsfMRI frame folders.
+"""Scan readers: NIfTI (a volume 3D, a series 4D) and SwiFT-style frame folders (a series).
 
 Every reader returns float32 data in closest-canonical RAS+ orientation plus provenance, or
 raises :class:`InputRejected` with a short reason that goes to ``rejected.csv``. Nothing is
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,10 @@ class InputRejected(Exception):
 
 
 @dataclass
-class Source:
-    """A decoded source image and where it came from."""
+class ScanSource:
+    """A decoded source scan and where it came from (what a packed subject's meta records)."""
 
-    data: np.ndarray  # float32: T1 (X,Y,Z); rsfMRI (T,X,Y,Z), canonical RAS+ axis order
+    data: np.ndarray  # float32: volume (X,Y,Z); series (T,X,Y,Z), canonical RAS+ axis order
     path: str
     sha256: str
     original_shape: list[int]
@@ -42,7 +42,6 @@ class Source:
     affine: list[list[float]] | None  # canonical affine; None for frame folders (none stored)
     orientation: str  # source axis codes before reorientation, e.g. "LAS"; "RAS (assumed)"
     global_stats: dict[str, float] | None = None  # frame folders with global_stats.pt
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _sha256_paths(paths: list[Path]) -> str:
@@ -60,11 +59,11 @@ def _check_finite(data: np.ndarray) -> None:
         raise InputRejected("NaN/Inf values in source")
 
 
-def read_nifti(path: Path, ndim: int) -> Source:
+def read_nifti(path: Path, ndim: int) -> ScanSource:
     """Load a NIfTI, reorient to closest canonical (RAS+), apply scl_slope/scl_inter.
 
     ``get_fdata`` applies the scaling and handles any on-disk dtype and byte order; a 4D file
-    with one volume is accepted as 3D. rsfMRI (ndim=4) comes back time-first (T,X,Y,Z).
+    with one volume is accepted as 3D. A series (ndim=4) comes back time-first (T,X,Y,Z).
     """
     path = Path(path)
     if not path.exists():
@@ -88,9 +87,9 @@ def read_nifti(path: Path, ndim: int) -> Source:
     if min(data.shape) < 1 or data.size == 0:
         raise InputRejected("empty image")
     _check_finite(data)
-    if ndim == 4:
+    if data.ndim == 4:  # NIfTI stores time last
         data = np.ascontiguousarray(np.moveaxis(data, -1, 0))
-    return Source(
+    return ScanSource(
         data=data,
         path=str(path),
         sha256=_sha256_paths([path]),
@@ -108,7 +107,7 @@ def _scalar(value: Any, key: str, path: Path) -> float:
         raise InputRejected(f"invalid {key} in {path.name}: {exc}") from exc
 
 
-def read_frame_folder(folder: Path) -> Source:
+def read_frame_folder(folder: Path) -> ScanSource:
     """Load ``frame_{i}.pt`` (i = 0..T-1, each a 3D tensor) and ``global_stats.pt`` if present.
 
     Frame folders carry no affine: they are taken as already canonical (RAS+), as SwiFT's
@@ -161,7 +160,7 @@ def read_frame_folder(folder: Path) -> Source:
         stats = {k: _scalar(raw[k], k, stats_path) for k in GLOBAL_STATS_KEYS if k in raw}
         if not all(np.isfinite(list(stats.values()))):
             raise InputRejected(f"NaN/Inf values in {GLOBAL_STATS}")
-    return Source(
+    return ScanSource(
         data=data,
         path=str(folder),
         sha256=_sha256_paths(paths),
@@ -173,12 +172,13 @@ def read_frame_folder(folder: Path) -> Source:
     )
 
 
-def read_t1(path: Path) -> Source:
+def read_volume(path: Path) -> ScanSource:
+    """A volume modality's scan: a 3D NIfTI."""
     return read_nifti(path, ndim=3)
 
 
-def read_rsfmri(path: Path) -> Source:
-    """4D NIfTI file or frame folder, decided by what the path is."""
+def read_series(path: Path) -> ScanSource:
+    """A series modality's scan: a 4D NIfTI file or a frame folder, decided by what the path is."""
     path = Path(path)
     if path.is_dir():
         return read_frame_folder(path)

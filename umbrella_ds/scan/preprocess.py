@@ -1,8 +1,9 @@
 """Preprocessing shared by packing and inference: resize, normalise, float16 range check.
 
-The formulas are specified in docs/FORMAT.md. ``preprocess_t1`` / ``preprocess_rsfmri`` take the
-``preprocessing`` dict a packed dataset records (``ds.preprocessing``), so a new raw scan at
-inference goes through exactly what the training data went through.
+The formulas are specified in docs/FORMAT.md. :func:`preprocess` takes the ``preprocessing``
+dict a packed dataset records (``ds.preprocessing``), so a new raw scan at inference goes
+through exactly what the training data went through. What a modality gets (volume or series
+preprocessing, which reader) is asked of the modality table (``Modality.is_series``).
 """
 
 from __future__ import annotations
@@ -16,29 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.readers import InputRejected, Source, read_nifti, read_rsfmri, read_t1
 from umbrella_ds import modality as modality_table
+from umbrella_ds.scan.readers import InputRejected, ScanSource, read_series, read_volume
 
-T1_NORMS = modality_table.T1.norms
-RSFMRI_NORMS = modality_table.RSFMRI.norms
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 RESIZE_METHOD = "area_down_trilinear_up"
 # Frames resized per call: bounds memory for long series at real grid sizes.
 FRAMES_PER_BATCH = 16
-
-
-def make_params(
-    t1_size: tuple[int, int, int] | None,
-    rsfmri_size: tuple[int, int, int] | None,
-    t1_norm: str = modality_table.T1.default_norm,
-    rsfmri_norm: str = modality_table.RSFMRI.default_norm,
-) -> dict[str, Any]:
-    """The preprocessing record of the two built-in modalities (see :func:`make_params_for`)."""
-    t1, rs = modality_table.T1.name, modality_table.RSFMRI.name
-    sizes = {t1: t1_size, rs: rsfmri_size}
-    return make_params_for(
-        {m: s for m, s in sizes.items() if s is not None}, {t1: t1_norm, rs: rsfmri_norm}
-    )
 
 
 def make_params_for(
@@ -107,7 +92,7 @@ def to_float16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16)
 
 
-def normalise_t1(vol: np.ndarray, norm: str) -> tuple[np.ndarray, dict[str, float]]:
+def normalise_volume(vol: np.ndarray, norm: str) -> tuple[np.ndarray, dict[str, float]]:
     """z-score over the whole (resized) volume, ddof 0; a constant volume is rejected."""
     mean = float(vol.mean(dtype=np.float64))
     std = float(vol.std(dtype=np.float64))
@@ -118,7 +103,7 @@ def normalise_t1(vol: np.ndarray, norm: str) -> tuple[np.ndarray, dict[str, floa
     return (vol - np.float32(mean)) / np.float32(std), {"mean": mean, "std": std}
 
 
-def rsfmri_stats(data: np.ndarray) -> dict[str, float]:
+def series_stats(data: np.ndarray) -> dict[str, float]:
     """Statistics of the non-background (raw != 0) voxels of the whole series, ddof 0.
 
     The same function computes the per-subject statistics for 4D NIfTI and (in ``synth``) the
@@ -139,7 +124,7 @@ def rsfmri_stats(data: np.ndarray) -> dict[str, float]:
     }
 
 
-def normalise_rsfmri(data: np.ndarray, norm: str, stats: dict[str, float]) -> np.ndarray:
+def normalise_series(data: np.ndarray, norm: str, stats: dict[str, float]) -> np.ndarray:
     """Apply one of the predecessor's modes (see FORMAT.md) at source resolution."""
     if norm == "none":
         return data
@@ -159,86 +144,69 @@ def normalise_rsfmri(data: np.ndarray, norm: str, stats: dict[str, float]) -> np
     return z
 
 
-def read_source(name: str, path: Path) -> Source:
-    """The reader the modality table names: a 3D NIfTI, or a 4D NIfTI / frame folder."""
-    return read_rsfmri(path) if modality_table.get(name).reader == "series" else read_t1(path)
+def read_source(name: str, path: Path) -> ScanSource:
+    """The reader of modality ``name``: a 3D NIfTI (volume), or a 4D NIfTI / frame folder (series)."""
+    return read_series(path) if modality_table.get(name).is_series else read_volume(path)
 
 
 def from_source(
-    name: str, src: Source, params: dict[str, Any]
+    name: str, src: ScanSource, params: dict[str, Any]
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Canonical source of modality ``name`` -> float16 as the shards store it (series time
     first), plus the statistics used; volume or series preprocessing as the table says."""
     m = modality_table.get(name)
-    return (rsfmri_from_source if m.is_series else t1_from_source)(src, params, m.name)
+    return (series_from_source if m.is_series else volume_from_source)(src, params, m.name)
 
 
-def t1_from_source(
-    src: Source, params: dict[str, Any], name: str = modality_table.T1.name
+def volume_from_source(
+    src: ScanSource, params: dict[str, Any], name: str
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Canonical volume source -> (D,H,W) float16 on the target grid, plus the statistics used."""
     p = params[name]
     vol = resize(src.data, p["size"])
-    vol, stats = normalise_t1(vol, p["norm"])
+    vol, stats = normalise_volume(vol, p["norm"])
     return to_float16(vol), {"stats": stats}
 
 
-def rsfmri_from_source(
-    src: Source, params: dict[str, Any], name: str = modality_table.RSFMRI.name
+def series_from_source(
+    src: ScanSource, params: dict[str, Any], name: str
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Canonical series source (T,X,Y,Z) -> (T,D,H,W) float16, plus the statistics used."""
     p = params[name]
     if src.global_stats is not None:
         stats, origin = dict(src.global_stats), "global_stats.pt"
     else:
-        stats, origin = rsfmri_stats(src.data), "per_subject"
+        stats, origin = series_stats(src.data), "per_subject"
     out = np.empty((src.data.shape[0], *p["size"]), dtype=np.float16)
     for t0 in range(0, src.data.shape[0], FRAMES_PER_BATCH):
-        chunk = normalise_rsfmri(src.data[t0 : t0 + FRAMES_PER_BATCH], p["norm"], stats)
+        chunk = normalise_series(src.data[t0 : t0 + FRAMES_PER_BATCH], p["norm"], stats)
         out[t0 : t0 + FRAMES_PER_BATCH] = to_float16(resize(chunk, p["size"]))
     return out, {"stats": stats, "stats_source": origin}
 
 
-def _as_source(image: Any, ndim: int) -> Source:
-    if isinstance(image, Source):
+def _as_source(image: Any, m: modality_table.Modality) -> ScanSource:
+    if isinstance(image, ScanSource):
         return image
     if isinstance(image, str | Path):
-        return read_nifti(Path(image), ndim) if ndim == 3 else read_rsfmri(Path(image))
+        return read_source(m.name, Path(image))
     if isinstance(image, nib.spatialimages.SpatialImage):
         canon = nib.as_closest_canonical(image)
         data = canon.get_fdata(dtype=np.float32)
-        if ndim == 3 and data.ndim == 4 and data.shape[3] == 1:
+        if not m.is_series and data.ndim == 4 and data.shape[3] == 1:
             data = data[..., 0]
-        if data.ndim != ndim:
-            raise InputRejected(f"wrong dimensionality: {data.ndim}D, expected {ndim}D")
-        if ndim == 4:
+        if data.ndim != m.ndim:
+            raise InputRejected(f"wrong dimensionality: {data.ndim}D, expected {m.ndim}D")
+        if m.is_series:  # NIfTI stores time last; a ScanSource holds it first
             data = np.ascontiguousarray(np.moveaxis(data, -1, 0))
-        return Source(data, "<in-memory>", "", list(image.shape), [], canon.affine.tolist(), "")
-    raise TypeError(f"expected a nibabel image, a path or a Source, got {type(image).__name__}")
-
-
-def preprocess_t1(image: Any, params: dict[str, Any]) -> np.ndarray:
-    """Raw T1 (nibabel image or path) -> (D,H,W) float16 exactly as packing stores it.
-
-    ``params`` is ``ds.preprocessing`` of a packed dataset (or :func:`make_params`).
-    """
-    return t1_from_source(_as_source(image, 3), params)[0]
-
-
-def preprocess_rsfmri(image: Any, params: dict[str, Any]) -> np.ndarray:
-    """Raw rsfMRI (4D nibabel image, NIfTI path or frame folder) -> (D,H,W,T) float16.
-
-    Returns the reader's layout (time last), as ``ds.read_window`` does.
-    """
-    frames_tdhw = rsfmri_from_source(_as_source(image, 4), params)[0]
-    return np.moveaxis(frames_tdhw, 0, -1)
+        return ScanSource(data, "<in-memory>", "", list(image.shape), [], canon.affine.tolist(), "")
+    raise TypeError(f"expected a nibabel image, a path or a ScanSource, got {type(image).__name__}")
 
 
 def preprocess(name: str, image: Any, params: dict[str, Any]) -> np.ndarray:
-    """Raw scan of modality ``name`` -> float16 in the reader's layout (series: time last), as
-    packing stores it and ``ds.read`` returns it; ``params`` is ``ds.preprocessing``."""
+    """Raw scan of modality ``name`` (a nibabel image, a NIfTI path, a frame folder or a
+    :class:`ScanSource`) -> float16 in the reader's layout (series: time last, ``(D,H,W,T)``), as
+    packing stores it and ``ds.read`` returns it; ``params`` is ``ds.preprocessing`` (or
+    :func:`make_params_for`)."""
     m = modality_table.get(name)
-    src = _as_source(image, m.ndim)
-    if not m.is_series:
-        return t1_from_source(src, params, m.name)[0]
-    return np.moveaxis(rsfmri_from_source(src, params, m.name)[0], 0, -1)
+    arr = from_source(m.name, _as_source(image, m), params)[0]
+    return np.moveaxis(arr, 0, -1) if m.is_series else arr
