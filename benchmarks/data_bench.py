@@ -94,7 +94,7 @@ PREFETCH = 4
 def slot_pool(ds: InstructionDataset, batch_size: int, workers: int) -> slots.SlotPool:
     """The batch slots a training loader would have at gas 1 (the consumer releases each batch
     as it arrives)."""
-    layouts = slots.image_layouts(ds.tasks, ds.shards, batch_size, ds.rsfmri_length)
+    layouts = slots.image_layouts(ds.tasks, ds.shards, batch_size, ds.series_length)
     return slots.SlotPool(layouts, workers, slots.slots_per_worker(1, workers, PREFETCH))
 
 
@@ -147,7 +147,7 @@ def gpu_shape_feed(root: Path, tok, subjects: int) -> tuple[dict[str, float], di
         tpi = {modality: tokens}
         ds = InstructionDataset(
             load_instructions(tasks_file), shards, Renderer(tok, tpi, max_length=FIXED_LENGTH),
-            train=True, seed=0, rsfmri_length=grid[3] if len(grid) == 4 else 1, flip=True,
+            train=True, seed=0, series_length=grid[3] if len(grid) == 4 else 1, flip=True,
         )  # fmt: skip
         pool = slot_pool(ds, micro, 1)
         rates: dict[str, list[float]] = {"slots": [], "fresh": []}
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         ds = InstructionDataset(
             tasks, root / "shards", Renderer(tok, tpi, max_length=FIXED_LENGTH),
-            train=True, seed=0, rsfmri_length=8,
+            train=True, seed=0, series_length=8,
         )  # fmt: skip
         for workers in (0, 1, 2):
             figures[f"loader samples/s, {workers} workers"] = loader_rate(

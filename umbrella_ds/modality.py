@@ -93,8 +93,9 @@ class Modality:
     # -- what follows from the dimensionality (one place for each decision) ------------------
     @property
     def is_series(self) -> bool:
-        """A series of volumes (time last in the reader's layout) rather than one volume."""
-        return self.ndim == SERIES
+        """A series of volumes (time last in the reader's layout) rather than one volume: the
+        question every stage asks (read, store, embed, window), never a name or a shape."""
+        return is_series_ndim(self.ndim)
 
     @property
     def reader(self) -> str:
@@ -137,6 +138,12 @@ class Modality:
     def spellings(self) -> tuple[str, ...]:
         """Aliases then the name, as error messages list them (``sMRI, T1``)."""
         return (*self.aliases, self.name)
+
+
+def is_series_ndim(ndim: int) -> bool:
+    """Whether a grid of ``ndim`` dims (a size tuple's length) is a series: what
+    `Modality.is_series` and the patch embedding's `ModalitySpec.is_series` both ask."""
+    return ndim == SERIES
 
 
 def patch_branch(ndim: int) -> str:

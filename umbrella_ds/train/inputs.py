@@ -72,7 +72,7 @@ def build_inputs(
     tokens = {m: num_image_tokens(model, m) for m in mods}
     template = template_of(model)
     renderer = Renderer(tokenizer, tokens, data.max_length, data.overflow, template=template)
-    rsfmri_length = modality_table.window_length(model_cfg.modalities)
+    series_length = modality_table.window_length(model_cfg.modalities)
     available = set(shards.subjects)
 
     def dataset(files: list[str], train: bool) -> InstructionDataset:
@@ -86,7 +86,7 @@ def build_inputs(
             renderer,
             train=train,
             seed=seed,
-            rsfmri_length=rsfmri_length,
+            series_length=series_length,
             window_stride=data.window_stride,
             windows=data.windows,
             flip=data.flip,
@@ -153,7 +153,7 @@ def slot_pool(train_set: InstructionDataset, micro_batch: int, gas: int, data: D
             f"data.prefetch_factor: must be >= 1 with workers, got {data.prefetch_factor}"
         )
     reader = train_set.shards  # the index only: shards open in the workers, after the fork
-    layouts = slots.image_layouts(train_set.tasks, reader, micro_batch, train_set.rsfmri_length)
+    layouts = slots.image_layouts(train_set.tasks, reader, micro_batch, train_set.series_length)
     per_worker = slots.slots_per_worker(gas, data.num_workers, data.prefetch_factor)
     need = slots.SlotPool.nbytes_for(layouts, data.num_workers, per_worker)
     free = _shm_free_bytes()
