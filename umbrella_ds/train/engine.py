@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from umbrella_ds.config import RunConfig
+from umbrella_ds.config import FINGERPRINT_SCHEME, RunConfig
 from umbrella_ds.data import ResumableSampler, slots
 from umbrella_ds.data.collate import to_device
 from umbrella_ds.model import model_forward_loss
@@ -120,7 +120,7 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
     }
     found = ckpt.find(resume, out / "checkpoints")
     if found:  # refuse before anything is converted or built
-        ckpt.check_fingerprints(found, fingerprints, allow_mismatch, rank)
+        ckpt.check_fingerprints(found, fingerprints, allow_mismatch, rank, cfg)
     universal = ckpt.prepare_universal(found, rank, world) if found else False
     dist.barrier()
     ds_cfg = ds_setup.resolve_ds_config(
@@ -191,6 +191,8 @@ def checkpoint_parts(
             "consumed_samples": ckpt.Record(lambda: sampler.consumed),
             "config": ckpt.Record(cfg.to_dict),
             "fingerprints": ckpt.Record(lambda: fingerprints),
+            # how "config" above was hashed; checkpoints before schemes lack it (scheme 1)
+            ckpt.SCHEME_KEY: ckpt.Record(lambda: FINGERPRINT_SCHEME, optional=True),
             "base": ckpt.Record(lambda: base, optional=True),  # since the base fingerprint
             "trainable": ckpt.TrainableNames(engine.module),
         },
