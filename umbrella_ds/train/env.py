@@ -246,7 +246,8 @@ def device_for(d: DistEnv) -> torch.device:
 def init_distributed(d: DistEnv, timeout_s: int) -> None:
     """Start the process group through DeepSpeed: gloo on CPU, nccl on GPU, the config's timeout."""
     cuda = not on_cpu()
-    export_to_environ(d, torch.cuda.device_count() if cuda else None)  # before DeepSpeed reads LOCAL_RANK
+    # before DeepSpeed reads LOCAL_RANK
+    export_to_environ(d, torch.cuda.device_count() if cuda else None)
     import deepspeed
 
     if cuda:
