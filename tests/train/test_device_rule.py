@@ -133,7 +133,8 @@ def test_local_rank_is_the_device_index_and_the_node_rank_stays(monkeypatch):
     assert os.environ["LOCAL_RANK"] == "0" and os.environ["RANK"] == "13"
     again = discover()
     assert again.launcher == "deepspeed/torchrun" and again.node_local_rank == 5
-    denv_mod.export_to_environ(d, visible_devices=None)  # a CPU run: LOCAL_RANK is the node-local rank
+    # a CPU run: LOCAL_RANK is the node-local rank
+    denv_mod.export_to_environ(d, visible_devices=None)
     assert os.environ["LOCAL_RANK"] == "5"
 
 
