@@ -30,7 +30,8 @@ def _image_blocks(
     tokens_per_image: Mapping[str, int],
     task_id: str,
 ) -> list[np.ndarray]:
-    """Positions (within the sample) of each image's token block, checked against its images."""
+    """Positions (within the sample) of each image's token block, checked against its images:
+    the one check of the image-token blocks of a batch built from data (the model trusts them)."""
     pos = np.flatnonzero(ids == image_token_id)
     try:
         lengths = [int(tokens_per_image[m]) for m in modalities]
