@@ -13,7 +13,7 @@ benchmarks/results/data_loader.json. It measures, never asserts:
   that ONE loader worker delivers (read with its checksum, flip augmentation, render, collate) for
   T1 at 96^3 in micro-batches of 64 and 24-frame rsfMRI windows of 96^3 in micro-batches of 8,
   against the limit it must meet: one H100 at the 40% MFU goal consumes about 550 T1 or 60 rsfMRI
-  samples/s (DESIGN.md). "workers per GPU" = that demand / the one-worker rate: how many of a GPU
+  samples/s (docs/BENCHMARKS.md, the goal). "workers per GPU" = that demand / the one-worker rate: how many of a GPU
   node's cores the loader needs for a data wait near zero. One worker, because this machine has 2
   cores and the main process needs the other. Measured side by side, alternating over 2 rounds:
   the loader with reused batch slots (`umbrella_ds.data.slots`) and the path before them (a
@@ -51,7 +51,7 @@ from umbrella_ds.model import TINY_TOKENIZER_DIR
 FIXED_LENGTH = 2048
 PREDECESSOR_T1_TOKENS = 216  # 96^3 volume, 16^3 patches
 RSFMRI_TOKENS = 1728  # 96^3 x 24 frames, patch (16, 16, 16, 3)
-# What one H100 consumes at the 40% MFU goal (DESIGN.md, issue 10): the feed rate's limit.
+# What one H100 consumes at the 40% MFU goal (docs/BENCHMARKS.md, issue 10): the feed rate's limit.
 GPU_DEMAND = {"T1": 550.0, "rsfMRI": 60.0}
 GPU_SHAPES = {  # modality: (grid, micro-batch, tokens per image, task file)
     "T1": ((96, 96, 96), 64, PREDECESSOR_T1_TOKENS, "t1_sex_train.jsonl"),
