@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--mode like_for_like needs --shards")
         renderer = Renderer(tok, tpi, max_length=args.pad_to)
         dataset = InstructionDataset(
-            tasks, args.shards, renderer, train=True, seed=args.seed, rsfmri_length=1, flip=False
+            tasks, args.shards, renderer, train=True, seed=args.seed, series_length=1, flip=False
         )
         real_tokens = float(np.mean([len(r.input_ids) for r in dataset._rendered]))
         collator = partial(

@@ -34,7 +34,7 @@ from benchmarks.common import realistic_images, write_result, write_shards
 from umbrella_ds import shards
 
 CODECS = ("none", "blosc-lz4", "blosc-lz4-bitshuffle", "blosc-zstd", "blosc-zstd-bitshuffle")
-DEMAND = {"T1": 550.0, "rsfMRI": 60.0}  # one H100 at the 40% MFU goal (DESIGN.md)
+DEMAND = {"T1": 550.0, "rsfMRI": 60.0}  # one H100 at the 40% MFU goal (docs/BENCHMARKS.md)
 TARGET = {"T1": 550.0, "rsfMRI": 30.0}  # what one worker must deliver (issue 18)
 
 

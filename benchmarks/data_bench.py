@@ -13,7 +13,7 @@ benchmarks/results/data_loader.json. It measures, never asserts:
   that ONE loader worker delivers (read with its checksum, flip augmentation, render, collate) for
   T1 at 96^3 in micro-batches of 64 and 24-frame rsfMRI windows of 96^3 in micro-batches of 8,
   against the limit it must meet: one H100 at the 40% MFU goal consumes about 550 T1 or 60 rsfMRI
-  samples/s (DESIGN.md). "workers per GPU" = that demand / the one-worker rate: how many of a GPU
+  samples/s (docs/BENCHMARKS.md, the goal). "workers per GPU" = that demand / the one-worker rate: how many of a GPU
   node's cores the loader needs for a data wait near zero. One worker, because this machine has 2
   cores and the main process needs the other. Measured side by side, alternating over 2 rounds:
   the loader with reused batch slots (`umbrella_ds.data.slots`) and the path before them (a
@@ -51,7 +51,7 @@ from umbrella_ds.model import TINY_TOKENIZER_DIR
 FIXED_LENGTH = 2048
 PREDECESSOR_T1_TOKENS = 216  # 96^3 volume, 16^3 patches
 RSFMRI_TOKENS = 1728  # 96^3 x 24 frames, patch (16, 16, 16, 3)
-# What one H100 consumes at the 40% MFU goal (DESIGN.md, issue 10): the feed rate's limit.
+# What one H100 consumes at the 40% MFU goal (docs/BENCHMARKS.md, issue 10): the feed rate's limit.
 GPU_DEMAND = {"T1": 550.0, "rsfMRI": 60.0}
 GPU_SHAPES = {  # modality: (grid, micro-batch, tokens per image, task file)
     "T1": ((96, 96, 96), 64, PREDECESSOR_T1_TOKENS, "t1_sex_train.jsonl"),
@@ -94,7 +94,7 @@ PREFETCH = 4
 def slot_pool(ds: InstructionDataset, batch_size: int, workers: int) -> slots.SlotPool:
     """The batch slots a training loader would have at gas 1 (the consumer releases each batch
     as it arrives)."""
-    layouts = slots.image_layouts(ds.tasks, ds.shards, batch_size, ds.rsfmri_length)
+    layouts = slots.image_layouts(ds.tasks, ds.shards, batch_size, ds.series_length)
     return slots.SlotPool(layouts, workers, slots.slots_per_worker(1, workers, PREFETCH))
 
 
@@ -147,7 +147,7 @@ def gpu_shape_feed(root: Path, tok, subjects: int) -> tuple[dict[str, float], di
         tpi = {modality: tokens}
         ds = InstructionDataset(
             load_instructions(tasks_file), shards, Renderer(tok, tpi, max_length=FIXED_LENGTH),
-            train=True, seed=0, rsfmri_length=grid[3] if len(grid) == 4 else 1, flip=True,
+            train=True, seed=0, series_length=grid[3] if len(grid) == 4 else 1, flip=True,
         )  # fmt: skip
         pool = slot_pool(ds, micro, 1)
         rates: dict[str, list[float]] = {"slots": [], "fresh": []}
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         ds = InstructionDataset(
             tasks, root / "shards", Renderer(tok, tpi, max_length=FIXED_LENGTH),
-            train=True, seed=0, rsfmri_length=8,
+            train=True, seed=0, series_length=8,
         )  # fmt: skip
         for workers in (0, 1, 2):
             figures[f"loader samples/s, {workers} workers"] = loader_rate(

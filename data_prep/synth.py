@@ -1,6 +1,6 @@
 """Synthetic cohort: a procedural head phantom whose phenotypes are visible in the images.
 
-Why these signals: DESIGN.md measured that the tiny demo learns sex from a faint blob in the
+Why these signals: docs/BENCHMARKS.md records that the tiny demo learns sex from a faint blob in the
 left vs right hemisphere at about 3x the smoothed noise, through the patch embedding alone.
 So sex = blob side (left for male, right for female, in RAS world space: subjects stored
 LAS still carry it on the anatomical left after reorientation), BMI_sds = scalp thickness,

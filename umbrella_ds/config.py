@@ -214,19 +214,31 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, scheme: int | None = None) -> str:
         """Hash of what decides the training trajectory.
 
         Left out so a run can be extended or re-homed: the keys in ``NOT_FINGERPRINTED`` (the
         output folder, ``train.max_steps``, the checkpoint, evaluation and logging sections,
-        loader workers, timeouts, devices and the data paths, whose content is covered by the data
-        fingerprint). A key in ``FINGERPRINTED_UNLESS_DEFAULT`` counts only when set away from its
-        default, so a checkpoint written before that key existed still resumes after an upgrade
-        (``tests/train/test_config.py`` holds a golden record of that).
+        loader workers, timeouts, devices, the data paths, whose content is covered by the data
+        fingerprint, and the micro-batch and compile choices, which change neither the losses
+        nor the data order). A key in ``FINGERPRINTED_UNLESS_DEFAULT`` counts only when set away
+        from its default, so a checkpoint written before that key existed still resumes after an
+        upgrade (``tests/train/test_config.py`` holds golden records of that).
+
+        ``scheme``: the fingerprint scheme a checkpoint recorded (``FINGERPRINT_SCHEME`` when
+        None, today's). A checkpoint written before schemes existed is scheme 1, which still
+        hashed ``NOT_FINGERPRINTED_SINCE_SCHEME_2``; its record is compared by hashing as it did.
         """
+        scheme = FINGERPRINT_SCHEME if scheme is None else int(scheme)
+        if scheme not in (1, FINGERPRINT_SCHEME):
+            raise ValueError(
+                f"config fingerprint scheme {scheme}: this umbrella-ds knows 1-{FINGERPRINT_SCHEME}"
+            )
         d = self.to_dict()
         default = RunConfig().to_dict()
         for key in NOT_FINGERPRINTED:
+            if scheme == 1 and key in NOT_FINGERPRINTED_SINCE_SCHEME_2:
+                continue
             _pop_dotted(d, key)
         for key in FINGERPRINTED_UNLESS_DEFAULT:
             if _get_dotted(d, key) == _get_dotted(default, key):
@@ -257,7 +269,13 @@ NOT_FINGERPRINTED: tuple[str, ...] = (
     "data.stage_dir",
     "data.prefetch_factor",
     "data.allow_overlap",
+    "train.micro_batch",  # same losses and data order (tests/train/test_train_accumulation.py)
+    "train.compile",  # same losses (tests/train/test_compile.py)
 )
+# The config fingerprint's scheme, recorded in every checkpoint's meta.json
+# (``fingerprint_scheme``; absent = 1). Scheme 2 left these keys out; scheme 1 hashed them.
+FINGERPRINT_SCHEME = 2
+NOT_FINGERPRINTED_SINCE_SCHEME_2: tuple[str, ...] = ("train.micro_batch", "train.compile")
 # Keys added after checkpoints were first written: hashed only away from their default, so the
 # fingerprint of every older checkpoint's config is unchanged. Append each new trajectory key here.
 FINGERPRINTED_UNLESS_DEFAULT: tuple[str, ...] = (

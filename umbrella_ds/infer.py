@@ -217,7 +217,7 @@ def infer(
         renderer,
         train=False,
         seed=cfg.train.seed,
-        rsfmri_length=modality_table.window_length(info["modalities"]),
+        series_length=modality_table.window_length(info["modalities"]),
         window_stride=cfg.data.window_stride,
         windows=cfg.data.windows,
         flip=False,

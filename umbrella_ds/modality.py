@@ -2,18 +2,17 @@
 
 A modality is a name (``T1``, ``rsfMRI``) plus what each stage needs to know about it:
 the spellings instruction files use for it (the predecessor wrote ``sMRI`` and ``fMRI``), its
-dimensionality (3 = one volume, 4 = a series of volumes), how packing reads and normalises it,
-how the shards store it, which patch-embedding branch turns it into tokens, how the dataset
-reads it, its default grid, its packing flags and its manifest column. Config validation,
+dimensionality (3 = one volume, 4 = a series of volumes), its normalisations, its default grid,
+its packing flags and its manifest column. Config validation,
 shards, packing, BIDS, the dataset, the patch embedding and ``umbrella-infer`` ask this table
 instead of spelling a modality out, so a new modality is one :func:`register` call.
 
 Most per-modality behaviour follows from ``ndim``: a volume is read as a 3D NIfTI, stored as
 one HDF5 chunk per subject, embedded by a Conv3d and read whole; a series is read as a 4D NIfTI
 or a SwiFT frame folder, stored as ragged frames with per-subject offsets, embedded as 4D
-blocks by a Linear, and read as a window of frames. The properties below name those choices,
-and the modules that implement them (``umbrella_ds.scan.readers``/``preprocess``, ``shards``,
-``model.patch_embed``, ``data.dataset``) branch on them, never on a name.
+blocks by a Linear, and read as a window of frames. Every stage that implements one of those
+choices (reading, preprocessing, shards, the patch embedding, the dataset, the collate) asks one
+question, :attr:`Modality.is_series`, never a name, a shape or a spelling of its own.
 
 Registration reaches other processes (``umbrella-pack``, the deepspeed launcher's ranks)
 through ``UMBRELLA_MODALITY_PLUGINS=module[:attr],...``, read when this module is first
@@ -93,29 +92,9 @@ class Modality:
     # -- what follows from the dimensionality (one place for each decision) ------------------
     @property
     def is_series(self) -> bool:
-        """A series of volumes (time last in the reader's layout) rather than one volume."""
-        return self.ndim == SERIES
-
-    @property
-    def reader(self) -> str:
-        """``nifti`` (a 3D NIfTI) or ``series`` (a 4D NIfTI or a SwiFT frame folder)."""
-        return "series" if self.is_series else "nifti"
-
-    @property
-    def storage(self) -> str:
-        """Shard layout: ``volume`` (one HDF5 chunk per subject) or ``frames`` (ragged frames
-        of all subjects with per-subject offsets, chunked by a few frames)."""
-        return "frames" if self.is_series else "volume"
-
-    @property
-    def patch_branch(self) -> str:
-        """Patch embedding: ``conv3d`` (3D patches) or ``blocks4d`` (4D blocks + Linear)."""
-        return patch_branch(self.ndim)
-
-    @property
-    def dataset_read(self) -> str:
-        """What a training item reads: the whole ``volume`` or a ``window`` of frames."""
-        return "window" if self.is_series else "volume"
+        """A series of volumes (time last in the reader's layout) rather than one volume: the
+        question every stage asks (read, store, embed, window), never a name or a shape."""
+        return is_series_ndim(self.ndim)
 
     # -- packing flags -----------------------------------------------------------------------
     @property
@@ -139,9 +118,10 @@ class Modality:
         return (*self.aliases, self.name)
 
 
-def patch_branch(ndim: int) -> str:
-    """The patch-embedding branch for an input of ``ndim`` dims (size tuple length)."""
-    return "blocks4d" if ndim == SERIES else "conv3d"
+def is_series_ndim(ndim: int) -> bool:
+    """Whether a grid of ``ndim`` dims (a size tuple's length) is a series: what
+    `Modality.is_series` and the patch embedding's `ModalitySpec.is_series` both ask."""
+    return ndim == SERIES
 
 
 # -- the registry ------------------------------------------------------------------------------

@@ -47,7 +47,10 @@ class ReportError(UserError):
 
 
 @dataclass
-class Run:
+class RunMetrics:
+    """One run's metrics.jsonl read back: its training curve and evaluation records (named for
+    what it holds, not ``Run``: that is the training run's state in `train.engine`)."""
+
     name: str
     path: Path
     train: dict[int, float | None] = field(default_factory=dict)  # step -> loss
@@ -86,14 +89,14 @@ class Run:
         return curve
 
 
-def load_run(path: str | os.PathLike[str], name: str | None = None) -> Run:
+def load_run(path: str | os.PathLike[str], name: str | None = None) -> RunMetrics:
     path = Path(path)
     if not path.exists():
         raise ReportError(f"{path}: no such run directory")
     file = path / METRICS_FILE if path.is_dir() else path
     if not file.is_file():
         raise ReportError(f"{file}: no such file (expected a run directory holding {METRICS_FILE})")
-    run = Run(name or (path.name if path.is_dir() else path.parent.name), path)
+    run = RunMetrics(name or (path.name if path.is_dir() else path.parent.name), path)
     lines = file.read_text().splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -135,7 +138,7 @@ def _fmt(value: Any, ci: list[float] | None = None) -> str:
     return text
 
 
-def markdown(runs: list[Run]) -> str:
+def markdown(runs: list[RunMetrics]) -> str:
     lines = ["# Run comparison", "", "## Training", ""]
     lines += [
         "| run | steps | final train loss | last eval step |",
@@ -172,7 +175,7 @@ def markdown(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: list[Run], out_png: Path) -> None:
+def plot(runs: list[RunMetrics], out_png: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

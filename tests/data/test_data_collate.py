@@ -62,7 +62,7 @@ def datasets(tmp_path_factory):
     )
     tasks = load_instructions(path)
     renderer = Renderer(tiny_tokenizer(), TPI, max_length=512)
-    kw = {"seed": 0, "rsfmri_length": 4, "flip": False}
+    kw = {"seed": 0, "series_length": 4, "flip": False}
     shards = FakeShards(SUBJECTS)
     return (
         InstructionDataset(tasks, shards, renderer, train=True, **kw),
@@ -170,12 +170,12 @@ def _series(seed: int) -> np.ndarray:
 
 def test_stack_images_series_is_the_model_view_of_time_first_storage():
     arrays = [_series(0), np.flip(_series(1), axis=(0, 2)), np.ascontiguousarray(_series(2))]
-    out = stack_images(arrays)
+    out = stack_images(arrays, series=True)
     assert out.shape == (3, 3, 5, 6, 4) and out.dtype == torch.float16
     assert np.array_equal(out.numpy(), np.stack(arrays))  # same values as a plain stack
     assert out.movedim(-1, 1).is_contiguous()  # stored (N, T, D, H, W): no transpose was made
     volumes = [np.random.default_rng(3).standard_normal((3, 5, 6)).astype(np.float16)] * 2
-    t1 = stack_images(volumes)
+    t1 = stack_images(volumes, series=False)
     assert t1.is_contiguous() and np.array_equal(t1.numpy(), np.stack(volumes))
 
 
@@ -189,7 +189,7 @@ class _SeriesItems(torch.utils.data.Dataset):
 
 def _stack_and_report(items: list[np.ndarray]) -> tuple[torch.Tensor, bool]:
     """Runs in the worker: the batch, and whether it was already in shared memory there."""
-    out = stack_images(items)
+    out = stack_images(items, series=True)
     return out, out.is_shared()
 
 
@@ -207,4 +207,4 @@ def test_stack_images_in_a_worker_writes_shared_memory_directly():
         assert shared_in_worker
         assert batch.movedim(-1, 1).is_contiguous()
     # in the training process itself (no worker) the batch stays in private memory
-    assert not stack_images([_series(0)]).is_shared()
+    assert not stack_images([_series(0)], series=True).is_shared()

@@ -37,7 +37,7 @@ def real_dataset(cohort_6: Path, *, train: bool = True, renderer=None, **kw) -> 
     tasks, skipped = resolve_subjects(tasks, set(reader.subjects), "error", has=reader.has)
     assert skipped == 0
     renderer = renderer or Renderer(tiny_tokenizer(), TPI, max_length=256)
-    kw = {"seed": 5, "rsfmri_length": 4, **kw}
+    kw = {"seed": 5, "series_length": 4, **kw}
     return InstructionDataset(tasks, cohort_6 / "shards", renderer, train=train, **kw)
 
 
@@ -100,7 +100,7 @@ def rs_tasks(tmp_path, n=3):
 
 def fake_dataset(tmp_path, **kw):
     renderer = Renderer(tiny_tokenizer(), TPI, max_length=256)
-    args = {"train": True, "seed": 0, "rsfmri_length": 4, **kw}
+    args = {"train": True, "seed": 0, "series_length": 4, **kw}
     return InstructionDataset(
         rs_tasks(tmp_path), FakeShards(["S0", "S1", "S2"], frames=18), renderer, **args
     )
@@ -160,7 +160,7 @@ def test_batch_feeds_the_tiny_model(cohort_6):
     ds = real_dataset(cohort_6)
     ds.renderer = Renderer(tok, tpi, max_length=256)
     ds = InstructionDataset(
-        ds.tasks, cohort_6 / "shards", ds.renderer, train=True, seed=0, rsfmri_length=4
+        ds.tasks, cohort_6 / "shards", ds.renderer, train=True, seed=0, series_length=4
     )
     assert ds.renderer.image_token_id == image_token_id(model)
     kinds = {ds.tasks[t].task_id.split("_")[0] for t, _ in ds._items}

@@ -123,7 +123,7 @@ def test_overflow_reject(tok, tmp_path):
         SampleTooLongError, match=rf"{task.task_id}.*{n} tokens > max_length {n - 1}"
     ):
         r.render_train(task)
-    ds = InstructionDataset([task], object(), r, train=True, seed=0, rsfmri_length=4)
+    ds = InstructionDataset([task], object(), r, train=True, seed=0, series_length=4)
     assert len(ds) == 0 and ds.num_rejected == 1 and ds.rejected_task_ids == [task.task_id]
 
 

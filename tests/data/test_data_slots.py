@@ -28,7 +28,7 @@ def _collate(ds):
 
 
 def _pool(ds, cohort_6, workers, gas, prefetch=2, **kw):
-    layouts = slots.image_layouts(ds.tasks, open_dataset(cohort_6 / "shards"), MB, ds.rsfmri_length)
+    layouts = slots.image_layouts(ds.tasks, open_dataset(cohort_6 / "shards"), MB, ds.series_length)
     return slots.SlotPool(layouts, workers, slots.slots_per_worker(gas, workers, prefetch), **kw)
 
 

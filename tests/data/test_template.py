@@ -317,7 +317,7 @@ def test_greedy_generation_stops_on_the_template_stop_id(tmp_path):
     tpi = {"T1": num_image_tokens(model, "T1")}
     task = load_instructions(write_jsonl(tmp_path / "t.jsonl", [t1_task()]))[0]
     reader = ScanReader({SUBJECT_A: {"T1": np.zeros((32, 32, 32), np.float16)}})
-    ds = InstructionDataset([task], reader, Renderer(tok, tpi, 512, template=template), train=False, seed=0, rsfmri_length=1)  # fmt: skip
+    ds = InstructionDataset([task], reader, Renderer(tok, tpi, 512, template=template), train=False, seed=0, series_length=1)  # fmt: skip
     b = collate_eval([ds[(0, 0)]], pad_id=tok.pad_token_id, image_token_id=image_token_id(model), tokens_per_image=tpi)  # fmt: skip
     male, eos = tok.convert_tokens_to_ids("▁male"), template.eos_id(tok)
     handle = lm_head(model).register_forward_hook(ScriptedHead([male, eos, male, male]))

@@ -20,6 +20,7 @@ from helpers.net import free_port
 
 from umbrella_ds import modality
 from umbrella_ds.config import ConfigError, load_config
+from umbrella_ds.model.patch_embed import ModalitySpec
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -68,10 +69,12 @@ def test_unknown_name_lists_the_known_ones() -> None:
 
 def test_what_follows_from_ndim() -> None:
     t1, rs = modality.get("T1"), modality.get("rsfMRI")
-    assert (t1.ndim, t1.is_series, t1.reader, t1.storage) == (3, False, "nifti", "volume")
-    assert (t1.patch_branch, t1.dataset_read) == ("conv3d", "volume")
-    assert (rs.ndim, rs.is_series, rs.reader, rs.storage) == (4, True, "series", "frames")
-    assert (rs.patch_branch, rs.dataset_read) == ("blocks4d", "window")
+    assert (t1.ndim, t1.is_series, rs.ndim, rs.is_series) == (3, False, 4, True)
+    # the patch embedding asks the same rule of a grid (no modality name there)
+    assert not ModalitySpec(size=(8, 8, 8), patch=(4, 4, 4)).is_series
+    assert ModalitySpec(size=(8, 8, 8, 4), patch=(4, 4, 4, 2)).is_series
+    for gone in ("reader", "storage", "patch_branch", "dataset_read"):  # one spelling: is_series
+        assert not hasattr(t1, gone), gone
     assert (t1.norms, t1.default_norm) == (("zscore", "none"), "zscore")
     assert rs.norms == ("znorm_minback", "znorm_zeroback", "minmax", "none")
     assert rs.default_norm == "znorm_minback"

@@ -118,7 +118,7 @@ def _blob_side(vol: np.ndarray) -> float:
 def test_sex_is_visible_left_vs_right_after_reorientation(cohort: Path) -> None:
     """The blob side predicts sex in T1 (LAS-stored subjects included) and in rsfMRI.
 
-    The signal is deliberately faint (3x the smoothed noise, as DESIGN.md measured learnable),
+    The signal is deliberately faint (3x the smoothed noise, learnable: docs/BENCHMARKS.md),
     so single subjects may be wrong; most must be right.
     """
     pheno = {

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from umbrella_ds.config import DS_STAGES, ConfigError, RunConfig, load_config
+from umbrella_ds.config import DS_STAGES, FINGERPRINT_SCHEME, ConfigError, RunConfig, load_config
+from umbrella_ds.train.checkpoint import CheckpointError, Found, check_fingerprints
 from umbrella_ds.train.ds_setup import lr_lambda, resolve_ds_config
 from umbrella_ds.train.env import discover
 
@@ -178,5 +179,74 @@ def test_golden_checkpoint_fingerprints_unchanged(meta):
 
     record = json.loads(meta.read_text())
     cfg = config_from_dict(record["config"])
-    assert cfg.fingerprint() == record["fingerprints"]["config"]
+    # hashed in the scheme the checkpoint records (absent: 1, before train.micro_batch and
+    # train.compile left the fingerprint), as checkpoint.check_fingerprints compares it
+    scheme = record.get("fingerprint_scheme", 1)
+    assert cfg.fingerprint(scheme) == record["fingerprints"]["config"]
     assert cfg.model_fingerprint() == record["fingerprints"]["model"]
+    check_fingerprints(Found(meta, record), dict(record["fingerprints"]), False, 0, cfg)
+
+
+CONFIG_MISMATCH = r"fingerprint mismatch \(config: checkpoint "  # only the config differs
+
+
+def _golden(scheme: int) -> dict:
+    import json
+
+    for meta in sorted(GOLDEN.glob("meta_*.json")):
+        record = json.loads(meta.read_text())
+        if record.get("fingerprint_scheme", 1) == scheme:
+            return record
+    raise AssertionError(f"no golden meta.json of fingerprint scheme {scheme} in {GOLDEN}")
+
+
+def _resume_check(record: dict, *changes: str) -> None:
+    """What the engine does before building anything: today's fingerprints of the checkpoint's
+    config with ``changes`` applied, checked against its record (raises on a mismatch)."""
+    from umbrella_ds.config import config_from_dict
+
+    cfg = config_from_dict(record["config"])
+    for change in changes:
+        key, value = change.split("=")
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, type(getattr(getattr(cfg, section), name))(value))
+    current = {
+        "config": cfg.fingerprint(),
+        "model": cfg.model_fingerprint(),
+        "data": record["fingerprints"]["data"],
+    }
+    check_fingerprints(Found(GOLDEN, record), current, False, 0, cfg)
+
+
+def test_micro_batch_and_compile_left_the_fingerprint_in_scheme_2():
+    base = load_config(None, [])
+    for change in ("train.micro_batch=2", "train.compile=blocks"):
+        changed = load_config(None, [change])
+        assert changed.fingerprint() == base.fingerprint(), change
+        assert changed.fingerprint(1) != base.fingerprint(1), change  # scheme 1 hashed them
+
+
+def test_resume_with_another_micro_batch_is_accepted_another_lr_refused():
+    record = _golden(FINGERPRINT_SCHEME)
+    assert record["config"]["train"]["micro_batch"] == 2  # global batch 4
+    _resume_check(record)
+    _resume_check(record, "train.micro_batch=1", "train.compile=blocks")  # same global batch
+    with pytest.raises(CheckpointError, match=CONFIG_MISMATCH):
+        _resume_check(record, "train.lr=0.001")
+
+
+def test_scheme_1_checkpoint_is_compared_the_old_way():
+    """A checkpoint written before scheme 2 recorded micro_batch in its hash: it resumes as it
+    is, and (its fingerprint cannot tell what changed) refuses another micro-batch as before."""
+    record = _golden(1)
+    _resume_check(record)
+    with pytest.raises(CheckpointError, match=CONFIG_MISMATCH):
+        _resume_check(record, "train.micro_batch=1")
+    with pytest.raises(CheckpointError, match=CONFIG_MISMATCH):
+        _resume_check(record, "train.lr=0.001")
+
+
+def test_unknown_fingerprint_scheme_is_refused():
+    record = {**_golden(FINGERPRINT_SCHEME), "fingerprint_scheme": FINGERPRINT_SCHEME + 1}
+    with pytest.raises(CheckpointError, match="fingerprint_scheme"):
+        _resume_check(record)

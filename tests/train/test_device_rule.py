@@ -129,11 +129,12 @@ def test_local_rank_is_the_device_index_and_the_node_rank_stays(monkeypatch):
     monkeypatch.setattr(os, "environ", srun)  # export writes here; restored after the test
     monkeypatch.setattr(denv_mod, "_exported_node_local_rank", None)
     d = discover()
-    denv_mod.export(d, visible_devices=1)
+    denv_mod.export_to_environ(d, visible_devices=1)
     assert os.environ["LOCAL_RANK"] == "0" and os.environ["RANK"] == "13"
     again = discover()
     assert again.launcher == "deepspeed/torchrun" and again.node_local_rank == 5
-    denv_mod.export(d, visible_devices=None)  # a CPU run: LOCAL_RANK is the node-local rank
+    # a CPU run: LOCAL_RANK is the node-local rank
+    denv_mod.export_to_environ(d, visible_devices=None)
     assert os.environ["LOCAL_RANK"] == "5"
 
 
@@ -146,7 +147,7 @@ def test_mpirun_local_rank_agrees_with_local_rank(monkeypatch):
            "OMPI_COMM_WORLD_LOCAL_RANK": "3", "MASTER_ADDR": "h"}  # fmt: skip
     monkeypatch.setattr(os, "environ", mpi)
     monkeypatch.setattr(denv_mod, "_exported_node_local_rank", None)
-    denv_mod.export(discover(), visible_devices=2)
+    denv_mod.export_to_environ(discover(), visible_devices=2)
     assert os.environ["LOCAL_RANK"] == os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] == "1"
     assert discover().node_local_rank == 3
 

@@ -98,7 +98,7 @@ def make_inputs(model, tokenizer, records: list[dict], num_workers: int = 0) -> 
     tasks = [parse_task(r, f"rec{i}") for i, r in enumerate(records)]
     ds = InstructionDataset(
         tasks, FakeShards(SUBJECTS, t1_shape=tuple(SIZE)), renderer, train=False, seed=0,
-        rsfmri_length=1, windows="first", flip=False,
+        series_length=1, windows="first", flip=False,
     )  # fmt: skip
     kw = {"pad_id": tokenizer.pad_token_id, "image_token_id": image_token_id(model),
           "tokens_per_image": tokens}  # fmt: skip

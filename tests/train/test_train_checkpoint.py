@@ -1,5 +1,6 @@
 """Checkpoint contents: only the trainable tensors, a recorded size, latest/keep_last, refusal of
-a conflicting fingerprint, and the start/train/eval records of metrics.jsonl."""
+a conflicting fingerprint (a changed micro-batch is not one), and the start/train/eval records of
+metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -76,6 +77,22 @@ def test_conflicting_fingerprint_is_refused(fp32_run, train_data, tmp_path):
         "fingerprint mismatch" in proc.stdout + proc.stderr
         and "config" in proc.stdout + proc.stderr
     )
+
+
+@pytest.mark.timeout(300)
+def test_resume_with_another_micro_batch_is_accepted(fp32_run, train_data, tmp_path):
+    """train.micro_batch is out of the config fingerprint (same losses, same data order): the
+    same global batch in smaller micro-batches (accumulation 2 instead of 1) resumes."""
+    out = tmp_path / "x"
+    sets = base_sets(
+        train_data,
+        out,
+        **{"train.max_steps": 5, "train.micro_batch": 8, "train.bf16": "false"},
+    )
+    check(run_train(2, sets, resume=str(fp32_run), timeout=240))
+    assert [r["step"] for r in metrics(out, "train")] == [5]
+    meta = json.loads((out / "checkpoints" / "step-0000005" / "meta.json").read_text())
+    assert meta["config"]["train"]["micro_batch"] == 8 and meta["fingerprint_scheme"] == 2
 
 
 @pytest.mark.timeout(300)

@@ -29,7 +29,8 @@ STEPS, EVERY = 24, 8
 def _sets(data: Path, out: Path, stage: str) -> list[str]:
     extra = {}
     if stage == "zero3":
-        # ZeRO-3 + non-reentrant checkpointing with frozen weights (a DESIGN.md pitfall), and an
+        # ZeRO-3 + non-reentrant checkpointing with frozen weights (a pitfall: docs/ARCHITECTURE.md
+        # "Facts the code relies on"), and an
         # evaluation whose 3 items leave rank 1 a dummy batch (ranks must stay in lockstep).
         extra = {
             "model.checkpointing.vision": "true",

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from umbrella_ds import modality as modality_table
+
 from .render import IGNORE_INDEX
 
 
@@ -28,7 +30,8 @@ def _image_blocks(
     tokens_per_image: Mapping[str, int],
     task_id: str,
 ) -> list[np.ndarray]:
-    """Positions (within the sample) of each image's token block, checked against its images."""
+    """Positions (within the sample) of each image's token block, checked against its images:
+    the one check of the image-token blocks of a batch built from data (the model trusts them)."""
     pos = np.flatnonzero(ids == image_token_id)
     try:
         lengths = [int(tokens_per_image[m]) for m in modalities]
@@ -55,7 +58,7 @@ def _image_blocks(
     return blocks
 
 
-def stack_images(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+def stack_images(arrays: Sequence[np.ndarray], *, series: bool) -> torch.Tensor:
     """One (N, *shape) tensor from same-shaped arrays, written once, in the layout they are stored.
 
     The items' images are views (flipped, time axis moved), and this is their one copy:
@@ -68,9 +71,12 @@ def stack_images(arrays: Sequence[np.ndarray]) -> torch.Tensor:
       contiguous used to cost). The view travels as it is (shared memory, pinning and the copy
       to the GPU keep strides), and the patch embedding's block gather reads it on the device.
     Measured against the previous path, one worker at the GPU shapes: 1.8-1.9x (docs/BENCHMARKS.md).
+    ``series``: the modality's `Modality.is_series` (the table decides, not the array's shape).
     """
     first = arrays[0]
-    series = first.ndim == 4
+    if first.ndim != (4 if series else 3):
+        kind = "series (D, H, W, T)" if series else "volume (D, H, W)"
+        raise ValueError(f"a {kind} batch got an image of shape {first.shape}")
     if series:
         arrays = [np.moveaxis(a, -1, 0) for a in arrays]
         first = arrays[0]
@@ -90,9 +96,10 @@ def _materialised(image: Any) -> np.ndarray:
     return image if isinstance(image, np.ndarray) else image.read()
 
 
-def write_images(images: Sequence[Any], out: torch.Tensor) -> torch.Tensor:
+def write_images(images: Sequence[Any], out: torch.Tensor, *, series: bool) -> torch.Tensor:
     """Images written once each into ``out`` (a reused batch slot in the stored layout: (N, D, H,
-    W), or (N, T, D, H, W) for series); returns the batch's view, as `stack_images` would.
+    W), or (N, T, D, H, W) for a series, ``series`` being the modality's `Modality.is_series`);
+    returns the batch's view, as `stack_images` would.
 
     A deferred image (`dataset.ImageRead`) is read and decoded straight into its place; an array
     (an item read before) is copied there. Nothing else is allocated."""
@@ -101,14 +108,14 @@ def write_images(images: Sequence[Any], out: torch.Tensor) -> torch.Tensor:
     dest = out.numpy()
     for n, image in enumerate(images):
         if isinstance(image, np.ndarray):
-            src = np.moveaxis(image, -1, 0) if out.ndim == 5 else image
+            src = np.moveaxis(image, -1, 0) if series else image
             if src.shape != dest.shape[1:]:
                 raise ValueError(f"image of shape {image.shape} for a slot of {tuple(out.shape)}")
             np.copyto(dest[n], src)
         else:
             image.read_into(dest[n])
     batch = out[: len(images)]
-    return batch.movedim(1, -1) if out.ndim == 5 else batch
+    return batch.movedim(1, -1) if series else batch
 
 
 def group_images(
@@ -133,14 +140,15 @@ def group_images(
             positions.setdefault(mod, []).append(block + offsets[b])
     images = {}
     for mod, arrs in arrays.items():
+        series = modality_table.get(mod).is_series
         if out is not None:
-            images[mod] = write_images(arrs, out[mod])
+            images[mod] = write_images(arrs, out[mod], series=series)
             continue
         arrs = [_materialised(a) for a in arrs]
         shapes = {a.shape for a in arrs}
         if len(shapes) != 1:
             raise ValueError(f"images of modality {mod!r} in one batch differ in shape: {shapes}")
-        images[mod] = stack_images(arrs)
+        images[mod] = stack_images(arrs, series=series)
     image_positions = {
         mod: torch.from_numpy(np.concatenate(p).astype(np.int64)) for mod, p in positions.items()
     }

@@ -1,20 +1,20 @@
 """InstructionDataset: rendered tasks + images read from the shards, with seeded augmentation.
 
 Items are addressed by ``(epoch, index)`` (what ResumableSampler yields); a plain int means epoch 0.
-All randomness of an item (rsfMRI window start, flip axes) comes from a numpy Generator seeded by
+All randomness of an item (series window start, flip axes) comes from a numpy Generator seeded by
 (seed, epoch, index), so an item is the same whatever the number of workers, ranks or resumes.
 
 Shards are opened lazily, inside the process that first reads (each DataLoader worker opens its
 own after the fork). `shards` may also be an already opened reader object (duck-typed: `read`,
 `read_window`, `num_frames`), which tests use.
 
-rsfMRI windows of `rsfmri_length` frames:
+Series windows (rsfMRI, or any modality the table marks as a series) of `series_length` frames:
 - ``windows="random"``: training draws a start from {0, stride, 2*stride, ...} up to the last start
   that fits; evaluation uses start 0 (the predecessor's first window), so eval items are fixed.
 - ``windows="first"``: start 0 always.
 - ``windows="non_overlapping"``: the predecessor's windows [k*L, (k+1)*L). Each task then becomes
   one item per window, so ``len(dataset)`` is the sum over tasks of the number of whole windows
-  (the minimum over the task's rsfMRI images; tasks without rsfMRI keep one item). This needs the
+  (the minimum over the task's series images; tasks without a series keep one item). This needs the
   frame counts when the dataset is built, read from the shard index in the building process.
 
 Flip: in training with flip=True each spatial axis of each image is flipped with probability 1/2;
@@ -109,7 +109,7 @@ def _open_shards(path: Path):
 
 def _windowed(name: str) -> bool:
     """A series modality (the table says): items read a window of frames, not the whole image."""
-    return modality_table.get(name).dataset_read == "window"
+    return modality_table.get(name).is_series
 
 
 class InstructionDataset:
@@ -123,20 +123,20 @@ class InstructionDataset:
         *,
         train: bool,
         seed: int,
-        rsfmri_length: int,
+        series_length: int,
         window_stride: int = 1,
         windows: WindowMode = "random",
         flip: bool = True,
     ) -> None:
         if windows not in ("random", "non_overlapping", "first"):
             raise ValueError(f"windows must be random, non_overlapping or first, got {windows!r}")
-        if rsfmri_length < 1 or window_stride < 1:
+        if series_length < 1 or window_stride < 1:
             raise ValueError(
-                f"rsfmri_length and window_stride must be >= 1, got {rsfmri_length}, {window_stride}"
+                f"series_length and window_stride must be >= 1, got {series_length}, {window_stride}"
             )
         self.train = bool(train)
         self.seed = int(seed)
-        self.rsfmri_length = int(rsfmri_length)
+        self.series_length = int(series_length)
         self.window_stride = int(window_stride)
         self.windows = windows
         self.flip = bool(flip) and self.train
@@ -207,12 +207,12 @@ class InstructionDataset:
         return items
 
     def _num_windows(self, frames: int, subject: str, task: Task) -> int:
-        if frames < self.rsfmri_length:
+        if frames < self.series_length:
             raise ValueError(
                 f"task {task.task_id!r}: subject {subject} has {frames} rsfMRI frames, fewer than "
-                f"the window length {self.rsfmri_length}"
+                f"the window length {self.series_length}"
             )
-        return frames // self.rsfmri_length
+        return frames // self.series_length
 
     # -- items -----------------------------------------------------------------------------------
 
@@ -221,7 +221,7 @@ class InstructionDataset:
 
     def window_start(self, task: Task, subject: str, window: int, rng: np.random.Generator) -> int:
         frames = int(self.shards.num_frames(subject))
-        length = self.rsfmri_length
+        length = self.series_length
         if frames < length:
             raise ValueError(
                 f"task {task.task_id!r}: subject {subject} has {frames} rsfMRI frames, fewer than "
@@ -255,7 +255,7 @@ class InstructionDataset:
             if self.flip:
                 axes = tuple(int(a) for a in np.flatnonzero(rng.random(3) < 0.5))
             read = ImageRead(
-                self.shards, im.subject_id, im.modality, start, self.rsfmri_length, axes
+                self.shards, im.subject_id, im.modality, start, self.series_length, axes
             )
             # deferred: the collate reads it into the batch; else a view the collate copies once
             images.append((im.modality, read if deferred else read.read()))

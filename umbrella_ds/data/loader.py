@@ -24,7 +24,7 @@ class LoaderWorkerError(RuntimeError):
     """A loader worker process died."""
 
 
-def _worker_init(worker_id: int) -> None:
+def _one_thread_per_worker(worker_id: int) -> None:
     # One intra-op thread per worker: workers are processes already, extra threads only contend.
     torch.set_num_threads(1)
 
@@ -156,7 +156,7 @@ def build_loader(
         pin_memory=bool(pin_memory) and torch.cuda.is_available(),
         prefetch_factor=prefetch_factor if workers else None,
         persistent_workers=bool(persistent_workers) and workers,
-        worker_init_fn=_worker_init if workers else None,
+        worker_init_fn=_one_thread_per_worker if workers else None,
         generator=torch.Generator().manual_seed(int(seed)),
         drop_last=False,
     )

@@ -73,7 +73,7 @@ def image_layouts(
     layouts = {}
     for m, c in most.items():
         shape = tuple(int(x) for x in reader.shape(m))
-        if modality_table.get(m).dataset_read == "window":
+        if modality_table.get(m).is_series:
             shape = (int(window), *shape)
         layouts[m] = (int(micro_batch) * c, *shape)
     return layouts
@@ -159,7 +159,7 @@ class SlotPool:
     # -- training-process side --------------------------------------------------------------
     def view(self, ref: SlotRef, modality: str) -> torch.Tensor:
         buf = self.buffers[ref.worker][ref.slot][modality][: ref.count]
-        return buf.movedim(1, -1) if buf.ndim == 5 else buf
+        return buf.movedim(1, -1) if modality_table.get(modality).is_series else buf
 
     def release(self, worker: int, slot: int, copied: Any = None) -> None:
         """Nothing reads the slot any more, except (GPU) a copy ``copied`` marks the end of."""

@@ -289,10 +289,14 @@ def check_image_tokens(
     image_positions: Mapping[str, torch.Tensor],
     image_token_id: int,
 ) -> None:
-    """Host-side check that each sample's `<image>` tokens are exactly the positions filled.
+    """Host-side check that each sample's `<image>` tokens are exactly the positions filled, for
+    a batch built by hand (a synthetic probe, a test): raises ValueError naming the sample index
+    and both counts.
 
-    Called by the collate on CPU tensors (cheap), and by `embed_inputs` when `input_ids` is on
-    the CPU. Raises ValueError naming the sample index and both counts.
+    A batch built from data needs no second check: the collate (`data.collate.group_images`,
+    which training, evaluation and ``umbrella-infer`` all build their batches with) finds every
+    image's block among the sample's `<image>` tokens and refuses a sample whose tokens are not
+    exactly its images' blocks, naming its task, on the host and so on every device.
     """
     ids = input_ids.detach().to("cpu")
     b, s = ids.shape
@@ -336,9 +340,9 @@ def embed_inputs(
     Modalities in `all_modalities` missing from `images` still run a zero image through their
     branch, contributing exactly 0. Every branch, real or dummy, runs in the patch embedding's
     configured order (`branch_order`): never reordered by what the batch holds, on every rank.
+    The positions are trusted to be the `<image>` blocks (the collate checked them; a batch built
+    by hand: `check_image_tokens`).
     """
-    if input_ids.device.type == "cpu":
-        check_image_tokens(input_ids, image_positions, image_token_id(model))
     embeds = model.get_input_embeddings()(input_ids)  # (B, S, H)
     b, s, h = embeds.shape
     flat = embeds.reshape(b * s, h)

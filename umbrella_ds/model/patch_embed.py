@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from umbrella_ds.modality import grid_problems, patch_branch
+from umbrella_ds.modality import grid_problems, is_series_ndim
 
 
 @dataclass(frozen=True)
@@ -79,13 +79,10 @@ class ModalitySpec:
         return math.prod(self.grid)
 
     @property
-    def branch(self) -> str:
-        """``conv3d`` or ``blocks4d``: decided by the modality table from the number of dims."""
-        return patch_branch(len(self.size))
-
-    @property
     def is_series(self) -> bool:
-        return self.branch == "blocks4d"
+        """4D blocks + Linear (a series) rather than Conv3d patches (a volume): the modality
+        table's rule on the number of dims, the one place that decides it."""
+        return is_series_ndim(len(self.size))
 
     def to_dict(self) -> dict[str, list[int]]:
         return {"size": list(self.size), "patch": list(self.patch)}
@@ -125,7 +122,7 @@ class MRIPatchEmbed(nn.Module):
         self.embed_dim = int(embed_dim)
         self.proj = nn.ModuleDict()
         for name, spec in self.specs.items():
-            if spec.branch == "blocks4d":
+            if spec.is_series:
                 self.proj[name] = nn.Linear(math.prod(spec.patch), self.embed_dim)
             else:
                 self.proj[name] = nn.Conv3d(
@@ -222,7 +219,7 @@ class MRIPatchEmbed(nn.Module):
         weight_dtype = next(proj.parameters()).dtype
         n = pixel_values.shape[0]
         x = pixel_values.to(weight_dtype).reshape(n, *spec.size)
-        if spec.branch == "blocks4d":
+        if spec.is_series:
             gd, gh, gw, gt = spec.grid
             pd, ph, pw, pt = spec.patch
             if any(spec.dropped):  # Conv3d's floor for the 4D blocks: trailing voxels unseen

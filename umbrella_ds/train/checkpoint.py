@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from umbrella_ds.config import CheckpointConfig
+from umbrella_ds.config import FINGERPRINT_SCHEME, CheckpointConfig, RunConfig
 from umbrella_ds.errors import UserError
 from umbrella_ds.io import atomic_path, atomic_write_text
 
@@ -307,10 +307,24 @@ def _find(resume: str, root: Path) -> Found | None:
     return Found(path, read_meta(path))
 
 
+SCHEME_KEY = "fingerprint_scheme"  # meta.json: the config fingerprint's scheme (absent = 1)
+
+
 def check_fingerprints(
-    found: Found, current: dict[str, str], allow_mismatch: bool, rank: int
+    found: Found, current: dict[str, str], allow_mismatch: bool, rank: int, cfg: RunConfig
 ) -> None:
+    """Refuse a checkpoint of another config, model or data. Its config fingerprint is compared
+    in the scheme it was written with (``config.FINGERPRINT_SCHEME``): an older checkpoint's is
+    recomputed from ``cfg`` the old way, so it still resumes after an upgrade."""
     saved = found.meta["fingerprints"]
+    scheme = found.meta.get(SCHEME_KEY, 1)
+    if not isinstance(scheme, int) or not 1 <= scheme <= FINGERPRINT_SCHEME:
+        raise CheckpointError(
+            f"{found.path}/{META}: {SCHEME_KEY} {scheme!r} is not one this umbrella-ds knows "
+            f"(1-{FINGERPRINT_SCHEME}); resume it with the version that wrote it"
+        )
+    if scheme != FINGERPRINT_SCHEME:
+        current = {**current, "config": cfg.fingerprint(scheme)}
     diffs = [k for k in current if saved.get(k) != current[k]]
     if not diffs:
         return

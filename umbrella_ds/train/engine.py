@@ -24,18 +24,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from umbrella_ds.config import RunConfig
+from umbrella_ds.config import FINGERPRINT_SCHEME, RunConfig
 from umbrella_ds.data import ResumableSampler, slots
 from umbrella_ds.data.collate import to_device
 from umbrella_ds.model import model_forward_loss
 from umbrella_ds.model.flops import FlopCounter, flop_counter
-from umbrella_ds.shards import open_dataset
 from umbrella_ds.train import checkpoint as ckpt
 from umbrella_ds.train import ds_setup, env, factory, signals
 from umbrella_ds.train.compile import compile_blocks
 from umbrella_ds.train.determinism import enable_deterministic
 from umbrella_ds.train.evaluate import evaluate
-from umbrella_ds.train.inputs import Inputs, build_inputs, data_fingerprint, train_loader
+from umbrella_ds.train.inputs import Inputs, build_inputs, open_data, train_loader
 from umbrella_ds.train.preflight import check_keep_best_task
 from umbrella_ds.train.run_logging import RunLogger, device_peak, mfu
 from umbrella_ds.train.start_record import write_start
@@ -111,16 +110,15 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
     """Refuse a checkpoint of another config/data first, then model, inputs, DeepSpeed, parts."""
     rank, world = denv.rank, denv.world_size
     out = Path(cfg.output_dir)
+    source = open_data(cfg.data)  # the index opened and the data hashed once, for both uses
     fingerprints = {
         "config": cfg.fingerprint(),
         "model": cfg.model_fingerprint(),
-        "data": data_fingerprint(
-            open_dataset(cfg.data.shards).fingerprint, cfg.data.train + cfg.data.eval
-        ),
+        "data": source.fingerprint,
     }
     found = ckpt.find(resume, out / "checkpoints")
     if found:  # refuse before anything is converted or built
-        ckpt.check_fingerprints(found, fingerprints, allow_mismatch, rank)
+        ckpt.check_fingerprints(found, fingerprints, allow_mismatch, rank, cfg)
     universal = ckpt.prepare_universal(found, rank, world) if found else False
     dist.barrier()
     ds_cfg = ds_setup.resolve_ds_config(
@@ -148,7 +146,7 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
             log.info("train.compile=blocks: compiled %d transformer blocks", n_blocks)
     inputs = build_inputs(
         cfg.data, cfg.model, model, built.tokenizer, cfg.train.seed,
-        local_rank=denv.node_local_rank, progress=cfg.log.progress,
+        local_rank=denv.node_local_rank, progress=cfg.log.progress, source=source,
     )  # fmt: skip
     check_keep_best_task(cfg, inputs)
     ck = cfg.model.checkpointing
@@ -191,6 +189,8 @@ def checkpoint_parts(
             "consumed_samples": ckpt.Record(lambda: sampler.consumed),
             "config": ckpt.Record(cfg.to_dict),
             "fingerprints": ckpt.Record(lambda: fingerprints),
+            # how "config" above was hashed; checkpoints before schemes lack it (scheme 1)
+            ckpt.SCHEME_KEY: ckpt.Record(lambda: FINGERPRINT_SCHEME, optional=True),
             "base": ckpt.Record(lambda: base, optional=True),  # since the base fingerprint
             "trainable": ckpt.TrainableNames(engine.module),
         },

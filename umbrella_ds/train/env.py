@@ -14,7 +14,7 @@ per-task GPU binding (``srun --gpus-per-task=1``, a site ``--gpu-bind``) each pr
 devices than there are ranks on the node, so the node-local rank is not a valid index. Hence
 ``LOCAL_RANK`` is exported as node-local rank modulo the visible device count, and the true
 node-local rank stays on ``DistEnv.node_local_rank`` for per-node work (a second ``discover`` in
-the same process reads it back from ``export``, not from the rewritten ``LOCAL_RANK``).
+the same process reads it back from ``export_to_environ``, not from the rewritten ``LOCAL_RANK``).
 
 The device rule (``choose_device``, docs/OPERATIONS.md "Choosing the device") is applied once by
 every entry point that builds a model, before DeepSpeed picks its accelerator.
@@ -38,7 +38,7 @@ import torch
 
 from umbrella_ds.errors import UserError
 
-# The true node-local rank once ``export`` has rewritten LOCAL_RANK to the device index.
+# The true node-local rank once ``export_to_environ`` has rewritten LOCAL_RANK to the device index.
 _exported_node_local_rank: int | None = None
 
 
@@ -64,7 +64,7 @@ class DistEnv:
 
 
 def discover(environ: dict[str, str] | None = None) -> DistEnv:
-    """Read the launcher's variables; does not modify the environment (see ``export``)."""
+    """Read the launcher's variables; does not modify the environment (see ``export_to_environ``)."""
     env = dict(os.environ if environ is None else environ)
     exported = _exported_node_local_rank if environ is None else None
     host = socket.gethostname()
@@ -95,7 +95,7 @@ def discover(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv(rank, world, local, addr, port, launcher, host, slurm_node)
 
 
-def export(d: DistEnv, visible_devices: int | None = None) -> None:
+def export_to_environ(d: DistEnv, visible_devices: int | None = None) -> None:
     """Publish the discovered values under the names torch.distributed and DeepSpeed read.
 
     With ``visible_devices`` (a CUDA run) ``LOCAL_RANK`` is the device index, else the node-local
@@ -246,7 +246,8 @@ def device_for(d: DistEnv) -> torch.device:
 def init_distributed(d: DistEnv, timeout_s: int) -> None:
     """Start the process group through DeepSpeed: gloo on CPU, nccl on GPU, the config's timeout."""
     cuda = not on_cpu()
-    export(d, torch.cuda.device_count() if cuda else None)  # before DeepSpeed reads LOCAL_RANK
+    # before DeepSpeed reads LOCAL_RANK
+    export_to_environ(d, torch.cuda.device_count() if cuda else None)
     import deepspeed
 
     if cuda:

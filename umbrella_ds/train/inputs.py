@@ -2,7 +2,9 @@
 
 Token counts per image come from the model's patch embedding (never recomputed here). The data
 fingerprint that guards a resume covers the shards' index and the content of every instruction
-file, so a resume onto changed data is refused even if the paths are the same.
+file, so a resume onto changed data is refused even if the paths are the same. A run opens the
+index and hashes the files once (`open_data`), early: the engine checks the fingerprint against
+a checkpoint before the model is built, then hands the same `DataSource` to `build_inputs`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from umbrella_ds.data import (
 from umbrella_ds.data.staging import stage_for_node
 from umbrella_ds.data.template import ChatTemplate, template_of
 from umbrella_ds.model import image_token_id, num_image_tokens
-from umbrella_ds.shards import open_dataset
+from umbrella_ds.shards import ShardDataset, open_dataset
 from umbrella_ds.train.leakage import check_no_overlap
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,20 @@ class Inputs:
     num_workers: int = 0  # data.num_workers: evaluation's loader uses them too
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """The shards' index, opened once, and the data fingerprint, hashed once."""
+
+    shards: ShardDataset
+    fingerprint: str
+
+
+def open_data(data: DataConfig) -> DataSource:
+    """Open ``data.shards``'s index and hash it with the instruction files (train, then eval)."""
+    shards = open_dataset(data.shards)
+    return DataSource(shards, data_fingerprint(shards.fingerprint, data.train + data.eval))
+
+
 def build_inputs(
     data: DataConfig,
     model_cfg: ModelConfig,
@@ -58,21 +74,24 @@ def build_inputs(
     seed: int,
     local_rank: int = 0,
     progress: bool = False,
+    source: DataSource | None = None,
 ) -> Inputs:
     """``local_rank``: the node-local rank (the launcher's); with ``data.stage_dir`` rank 0 of
-    each node copies the shards there and every rank reads them from there."""
+    each node copies the shards there and every rank reads them from there. ``source``: what
+    `open_data` gave for ``data`` (the engine's, opened before the model), else opened here."""
     if tokenizer is None:
         raise RuntimeError(f"model {model_cfg.source!r} has no tokenizer; training needs one")
-    shards_dir = data.shards
-    if data.stage_dir:
+    source = source or open_data(data)
+    shards_dir, shards = data.shards, source.shards
+    if data.stage_dir:  # the node's copy (its index is the same bytes, so the same fingerprint)
         shards_dir = str(stage_for_node(data.shards, data.stage_dir, local_rank, progress))
-    shards = open_dataset(shards_dir)
+        shards = open_dataset(shards_dir)
     shards.check()
     mods = list(model_cfg.modalities)
     tokens = {m: num_image_tokens(model, m) for m in mods}
     template = template_of(model)
     renderer = Renderer(tokenizer, tokens, data.max_length, data.overflow, template=template)
-    rsfmri_length = modality_table.window_length(model_cfg.modalities)
+    series_length = modality_table.window_length(model_cfg.modalities)
     available = set(shards.subjects)
 
     def dataset(files: list[str], train: bool) -> InstructionDataset:
@@ -86,7 +105,7 @@ def build_inputs(
             renderer,
             train=train,
             seed=seed,
-            rsfmri_length=rsfmri_length,
+            series_length=series_length,
             window_stride=data.window_stride,
             windows=data.windows,
             flip=data.flip,
@@ -123,7 +142,7 @@ def build_inputs(
         eval_set=eval_set,
         collate_train=functools.partial(collate_train, **kw),
         collate_eval=functools.partial(collate_eval, **kw),
-        data_fingerprint=data_fingerprint(shards.fingerprint, data.train + data.eval),
+        data_fingerprint=source.fingerprint,
         pad_id=int(pad_id),
         eos_id=int(eos_id),
         template=template,
@@ -132,6 +151,8 @@ def build_inputs(
 
 
 def data_fingerprint(shards_fingerprint: str, files: list[str]) -> str:
+    """The shards' index hash with every instruction file's name and bytes (a folder: its
+    ``*.json*`` files, sorted)."""
     h = hashlib.sha256(shards_fingerprint.encode())
     for f in files:
         p = Path(f)
@@ -153,7 +174,7 @@ def slot_pool(train_set: InstructionDataset, micro_batch: int, gas: int, data: D
             f"data.prefetch_factor: must be >= 1 with workers, got {data.prefetch_factor}"
         )
     reader = train_set.shards  # the index only: shards open in the workers, after the fork
-    layouts = slots.image_layouts(train_set.tasks, reader, micro_batch, train_set.rsfmri_length)
+    layouts = slots.image_layouts(train_set.tasks, reader, micro_batch, train_set.series_length)
     per_worker = slots.slots_per_worker(gas, data.num_workers, data.prefetch_factor)
     need = slots.SlotPool.nbytes_for(layouts, data.num_workers, per_worker)
     free = _shm_free_bytes()

@@ -45,8 +45,8 @@ GIB = 1024**3
 # - the CUDA context with the kernels of torch, cuBLAS and cuDNN loaded: 0.5-1 GiB on CUDA 12
 #   with lazy module loading (more without it); not counted by PyTorch's allocator.
 # - NCCL: per peer and channel 4 MiB buffers (NCCL_BUFFSIZE) plus, on H100 with NVLink SHARP
-#   (NVLS), multicast buffers of up to GBs (DESIGN.md "GPU cluster facts"); allocated by NCCL
-#   itself, outside the caching allocator.
+#   (NVLS), multicast buffers of up to GBs (docs/ARCHITECTURE.md "Facts the code relies on");
+#   allocated by NCCL itself, outside the caching allocator.
 # - variation: real batches differ from the synthetic one (sequence lengths, the sampler's
 #   modality mix) and the allocator's block rounding differs step to step; 5% of the peak.
 CUDA_CONTEXT_GIB = 1.0
