@@ -154,7 +154,7 @@ def step_engine_1rank(check: Check) -> dict:
     diffs = {s: abs(res_l[s] - ref_l[s]) / abs(ref_l[s]) for s in after}
     ev_dir = check.work / "eval"
     cmd = [
-        sys.executable, "-m", "umbrella_ds.train.eval_cli", "--checkpoint", str(res),
+        sys.executable, "-m", "umbrella_ds.eval.eval_cli", "--checkpoint", str(res),
         "--data", str(data / "shards"), "--instructions",
         str(data / "raw" / "instructions" / "t1_sex_eval.jsonl"), "--max-samples", "4",
         "--out", str(ev_dir),

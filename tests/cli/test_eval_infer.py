@@ -60,7 +60,7 @@ def last_eval_records(run: Path) -> list[dict]:
 
 
 def eval_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "umbrella_ds.train.eval_cli", *map(str, args)]
+    return [sys.executable, "-m", "umbrella_ds.eval.eval_cli", *map(str, args)]
 
 
 @pytest.mark.timeout(600)
@@ -88,7 +88,7 @@ def test_umbrella_eval_reproduces_the_in_training_record(eval_run, train_data, t
     # Two ranks through torchrun (the launcher discovery of train/env.py), as training ran.
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()), "-m", "umbrella_ds.train.eval_cli",
+        "--master_port", str(free_port()), "-m", "umbrella_ds.eval.eval_cli",
         "--checkpoint", str(eval_run), "--data", str(train_data / "shards"),
         "--instructions", str(inst), "--out", str(out),
     ]  # fmt: skip
@@ -218,7 +218,7 @@ def test_training_refuses_overlapping_subjects_naming_them(train_data, tmp_path)
 
 def test_leakage_guard_counts_t3_reference_scans():
     from umbrella_ds.data import parse_task
-    from umbrella_ds.train.leakage import LeakageError, check_no_overlap, shared_subjects
+    from umbrella_ds.eval.leakage import LeakageError, check_no_overlap, shared_subjects
 
     def t3(ref: str, query: str):
         conv = [
@@ -250,8 +250,8 @@ def test_eval_cli_usage_errors(tmp_path):
 
 
 def test_class_first_tokens_are_the_tokens_greedy_decoding_must_choose_first():
+    from umbrella_ds.eval.evaluate import answer_first_token, class_first_tokens, record_subject
     from umbrella_ds.model import build_model
-    from umbrella_ds.train.evaluate import answer_first_token, class_first_tokens, record_subject
 
     _, tok = build_model("tiny")
     tokens = class_first_tokens(tok, ["male.", "female.", "Male."])

@@ -27,6 +27,7 @@ from torch import nn
 from umbrella_ds.config import RunConfig
 from umbrella_ds.data import ResumableSampler, slots
 from umbrella_ds.data.collate import to_device
+from umbrella_ds.eval.evaluate import evaluate
 from umbrella_ds.model import model_forward_loss
 from umbrella_ds.model.flops import FlopCounter, flop_counter
 from umbrella_ds.shards import open_dataset
@@ -34,7 +35,6 @@ from umbrella_ds.train import checkpoint as ckpt
 from umbrella_ds.train import ds_setup, env, factory, signals
 from umbrella_ds.train.compile import compile_blocks
 from umbrella_ds.train.determinism import enable_deterministic
-from umbrella_ds.train.evaluate import evaluate
 from umbrella_ds.train.inputs import Inputs, build_inputs, data_fingerprint, train_loader
 from umbrella_ds.train.preflight import check_keep_best_task
 from umbrella_ds.train.run_logging import RunLogger, device_peak, mfu

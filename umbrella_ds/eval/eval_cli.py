@@ -239,11 +239,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(src: Source, args, denv, data_dir: Path, files: list[str], out: Path) -> int:
     import torch.distributed as dist
 
+    from umbrella_ds.eval.evaluate import evaluate_set
     from umbrella_ds.io import atomic_write_text
     from umbrella_ds.provenance import write_provenance
     from umbrella_ds.shards import open_dataset
     from umbrella_ds.train import env
-    from umbrella_ds.train.evaluate import evaluate_set
     from umbrella_ds.train.inputs import build_inputs
 
     cfg = src.config
