@@ -201,9 +201,11 @@ def step_zero3_compiled_export(check: Check) -> dict:
     # device, step 1 whole under ZeRO-2; the seeded init must give both the same base hash.
     whole = check.work / "ref" / "checkpoints" / "step-0000006" / "meta.json"
     whole_hash = (
-        json.loads(whole.read_text())["base"]["weights_sha256"] if whole.is_file() else None
+        json.loads(whole.read_text())["recipe"]["base"]["weights_sha256"]
+        if whole.is_file()
+        else None
     )
-    zero3_hash = info.get("base", {}).get("weights_sha256")
+    zero3_hash = info["recipe"]["base"]["weights_sha256"]
     return {
         "ok": (exported / "patch_embed.safetensors").is_file()
         and (whole_hash is None or whole_hash == zero3_hash),

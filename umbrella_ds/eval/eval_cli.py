@@ -93,49 +93,37 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 @dataclasses.dataclass
-class Source:
+class EvalTarget:
+    """What is evaluated: a trained checkpoint or export (`trained.Trained`), or a run config
+    whose model.patch_embed_init names a predecessor-trained patch embedding (step 0)."""
+
     kind: str  # "checkpoint" | "export" | "config"
-    path: Path  # step dir or export dir
+    path: Path  # step dir, export dir or run YAML
     config: Any  # RunConfig
     step: int
-    fingerprint: str  # sha256 of meta.json / export.json
+    fingerprint: str  # sha256 of meta.json / export.json / the YAML
+    trained: Any = None  # trained.Trained, for a checkpoint or an export
 
 
-def resolve_source(path: str) -> Source:
-    from umbrella_ds.config import config_from_dict
-    from umbrella_ds.train.checkpoint import META, CheckpointError, read_meta, resolve
-    from umbrella_ds.train.export import EXPORT_INFO
+def resolve_target(path: str) -> EvalTarget:
+    from umbrella_ds.train.checkpoint import CheckpointError
+    from umbrella_ds.train.trained import EXPORT_INFO, locate
 
     p = Path(path).expanduser().resolve()
     if p.is_file() and p.suffix in (".yaml", ".yml"):
-        return _config_source(p)
-    if (p / EXPORT_INFO).is_file():
-        try:
-            info = json.loads((p / EXPORT_INFO).read_text())
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{p / EXPORT_INFO}:{exc.lineno}: malformed JSON ({exc.msg})") from exc
-        return Source(
-            "export",
-            p,
-            config_from_dict(info["run_config"]),
-            int(info["step"]),
-            _sha(p / EXPORT_INFO),
-        )
+        return _config_target(p)
     try:
-        step_dir = resolve(p)
+        found = locate(p)
     except CheckpointError as exc:
         raise UsageError(f"--checkpoint {path}: {exc} (nor an export: no {EXPORT_INFO})") from exc
-    meta = read_meta(step_dir)
-    return Source(
-        "checkpoint",
-        step_dir,
-        config_from_dict(meta["config"]),
-        int(meta["step"]),
-        _sha(step_dir / META),
+    except UserError as exc:
+        raise UsageError(str(exc)) from exc
+    return EvalTarget(
+        found.kind, found.path, found.config, found.step, _sha(found.record_file), found
     )
 
 
-def _config_source(path: Path) -> Source:
+def _config_target(path: Path) -> EvalTarget:
     """A run YAML whose model.patch_embed_init names a predecessor-trained patch embedding."""
     from umbrella_ds.config import load_config
 
@@ -145,14 +133,14 @@ def _config_source(path: Path) -> Source:
             f"--checkpoint {path}: a run config is evaluated from model.patch_embed_init, which it "
             "does not set (a trained run: pass its run or checkpoint directory)"
         )
-    return Source("config", path, cfg, 0, _sha(path))
+    return EvalTarget("config", path, cfg, 0, _sha(path))
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def default_out(src: Source) -> Path:
+def default_out(src: EvalTarget) -> Path:
     if src.kind == "config":
         return src.path.parent / f"eval-{src.path.stem}"
     if src.kind == "export":
@@ -161,37 +149,23 @@ def default_out(src: Source) -> Path:
     return src.path.parent.parent / f"eval-{src.path.name}"
 
 
-def load_model(src: Source, base: str | None):
+def load_model(src: EvalTarget, base: str | None):
     """The patched model and tokenizer in the dtype the run evaluated in, in eval mode."""
-    from umbrella_ds.train.export import BaseMismatchError, load_checkpoint_model, load_trained
+    from umbrella_ds.model.patch_embed_init import apply_config
+    from umbrella_ds.train import trained
+    from umbrella_ds.train.base_weights import BaseMismatchError
     from umbrella_ds.train.factory import cast_like_deepspeed
 
     try:
-        if src.kind == "config":
-            model, tokenizer = _patch_embed_init_model(src.config, base)
-        elif src.kind == "export":
-            model, tokenizer = load_trained(src.path, base=base)
+        if src.kind == "config":  # the run's base (nothing recorded to check), the init loaded
+            model, tokenizer = trained.recipe_for_config(src.config).build(source=base)
+            apply_config(model, src.config.model)
         else:
-            model, tokenizer = load_checkpoint_model(src.path, base=base)
+            model, tokenizer, _ = trained.load(src.trained, base=base)
     except BaseMismatchError as exc:  # another base than the run trained on: the user's to fix
         raise UsageError(f"--base: {exc}") from exc
     cast_like_deepspeed(model, src.config.train.bf16)
     model.eval()
-    return model, tokenizer
-
-
-def _patch_embed_init_model(cfg, base: str | None):
-    """The run config's base with model.patch_embed_init loaded into its patch embedding."""
-    from umbrella_ds.model.patch_embed_init import apply_config
-    from umbrella_ds.train.factory import build, modality_specs
-
-    model, tokenizer = build(
-        base or cfg.model.source,
-        modalities=modality_specs(cfg.model),
-        init=cfg.model.init,
-        seed=cfg.train.seed,
-    )
-    apply_config(model, cfg.model)
     return model, tokenizer
 
 
@@ -204,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     from umbrella_ds.train import env
     from umbrella_ds.train.preflight import check_base, check_shards
 
-    src = resolve_source(args.checkpoint)
+    src = resolve_target(args.checkpoint)
     if args.device is not None:
         env.apply_device_rule(args.device, "--device")
     else:
@@ -236,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _run(src: Source, args, denv, data_dir: Path, files: list[str], out: Path) -> int:
+def _run(src: EvalTarget, args, denv, data_dir: Path, files: list[str], out: Path) -> int:
     import torch.distributed as dist
 
     from umbrella_ds.eval.evaluate import evaluate_set

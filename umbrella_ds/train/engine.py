@@ -39,6 +39,7 @@ from umbrella_ds.train.inputs import Inputs, build_inputs, data_fingerprint, tra
 from umbrella_ds.train.preflight import check_keep_best_task
 from umbrella_ds.train.run_logging import RunLogger, device_peak, mfu
 from umbrella_ds.train.start_record import write_start
+from umbrella_ds.train.trained import recipe_of
 
 log = logging.getLogger("umbrella_ds.train")
 
@@ -141,7 +142,9 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
     # so export and evaluation can refuse a rebuild that is not the base the run trained on.
     base = factory.base_record(built)
     if found:
-        factory.check_resume_base(found.meta.get("base"), built, base, cfg, what=str(found.path))
+        recorded = recipe_of(found.meta)
+        factory.check_resume_base(recorded, built, base, cfg, what=str(found.path))
+    recipe = factory.run_recipe(cfg, built, base).to_dict()
     if cfg.train.compile == "blocks":
         n_blocks = compile_blocks(model, zero3=zero3)
         if rank == 0:
@@ -166,7 +169,7 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
         global_batch_size=cfg.train.global_batch,
     )
     train_state = ckpt.TrainState()
-    parts = checkpoint_parts(cfg, engine, sched, sampler, train_state, fingerprints, base, denv)
+    parts = checkpoint_parts(cfg, engine, sched, sampler, train_state, fingerprints, recipe, denv)
     checkpointer = ckpt.Checkpointer(cfg.checkpoint, out / "checkpoints", rank, world, parts)
     return Run(
         cfg, denv, env.device_for(denv), found, fingerprints, model, built.tokenizer, inputs,
@@ -175,7 +178,7 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
 
 
 def checkpoint_parts(
-    cfg: RunConfig, engine, sched, sampler, train_state, fingerprints, base, denv: env.DistEnv
+    cfg: RunConfig, engine, sched, sampler, train_state, fingerprints, recipe, denv: env.DistEnv
 ) -> ckpt.Parts:
     """What a checkpoint holds, one line a part (names are meta.json keys or file groups)."""
     return ckpt.Parts(
@@ -191,7 +194,7 @@ def checkpoint_parts(
             "consumed_samples": ckpt.Record(lambda: sampler.consumed),
             "config": ckpt.Record(cfg.to_dict),
             "fingerprints": ckpt.Record(lambda: fingerprints),
-            "base": ckpt.Record(lambda: base, optional=True),  # since the base fingerprint
+            "recipe": ckpt.Record(lambda: recipe, optional=True),  # format 2; 1 had "base"
             "trainable": ckpt.TrainableNames(engine.module),
         },
     )
