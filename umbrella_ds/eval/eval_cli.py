@@ -9,8 +9,9 @@ embedding trained by UMBRELLA/BrainVLM) on its base, as step 0: no training need
 The numbers are the in-training evaluation's: the same dataset construction (the run config's
 data section, with --data and --instructions swapped in), the same sharding over ranks, the same
 greedy decoding, labels, likelihood choice, answer parsing and statistics
-(``evaluate.evaluate_set``). The model is rebuilt
-without DeepSpeed: the frozen base from the run config and the trained patch embedding from the
+(``evaluate.evaluate_set``). The model is loaded by the one loader of trained models
+(``train/trained.load``), without DeepSpeed: the frozen base rebuilt from the checkpoint's or
+export's ModelRecipe and checked against its hash, the trained patch embedding from the
 checkpoint's fp32 master weights, cast to bf16 when the run trained in bf16 (what DeepSpeed's
 module held), so a checkpoint evaluated here gives the record its run logged at that step.
 
