@@ -137,11 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from umbrella_ds.data import InstructionDataset, Renderer, collate_train, load_instructions
-    from umbrella_ds.model import image_token_id, num_image_tokens
-    from umbrella_ds.train.factory import build
+    from umbrella_ds.model import build_model, image_token_id, num_image_tokens
 
     spec = {"T1": {"size": list(args.size), "patch": list(args.patch)}}
-    model, tok = build(args.preset, modalities=spec, seed=args.seed)
+    model, tok = build_model(args.preset, modalities=spec, seed=args.seed)
     tpi = {"T1": num_image_tokens(model, "T1")}
     tasks = load_instructions(args.raw / "instructions" / f"{args.task}_train.jsonl")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -51,11 +51,10 @@ def worker(preset: str, root: Path, repeats: int, out: Path) -> None:
 
     from umbrella_ds.config import TrainConfig
     from umbrella_ds.data import collate_train
-    from umbrella_ds.model import get_preset, image_token_id, num_image_tokens
+    from umbrella_ds.model import build_model, get_preset, image_token_id, num_image_tokens
     from umbrella_ds.train import ds_setup, env
     from umbrella_ds.train.checkpoint import without_frozen
     from umbrella_ds.train.engine import LossModule
-    from umbrella_ds.train.factory import build
 
     denv = env.discover()
     env.init_distributed(denv, 600)
@@ -63,7 +62,7 @@ def worker(preset: str, root: Path, repeats: int, out: Path) -> None:
     spec = {"T1": t1.to_dict()}
     dtype = torch.float32 if preset == "tiny" else torch.bfloat16
     t0 = time.perf_counter()
-    model, _ = build(preset, modalities=spec, dtype=dtype, seed=0)
+    model, _ = build_model(preset, modalities=spec, dtype=dtype, seed=0)
     build_s = time.perf_counter() - t0
     train = TrainConfig(global_batch=1, micro_batch=1, deepspeed="zero2", bf16=True, lr=1e-4)
     ds_cfg = ds_setup.resolve_ds_config(train, 1)

@@ -59,17 +59,16 @@ def worker(out: Path, steps: int) -> None:
     import torch
 
     from umbrella_ds.config import TrainConfig
-    from umbrella_ds.model import find_patch_embed
+    from umbrella_ds.model import build_model, find_patch_embed
     from umbrella_ds.train import ds_setup, env
     from umbrella_ds.train.engine import LossModule
-    from umbrella_ds.train.factory import build
 
     denv = env.discover()
     env.init_distributed(denv, 600)
     train = TrainConfig(global_batch=GLOBAL, micro_batch=MICRO, deepspeed="zero2", bf16=True)
     ds_cfg = ds_setup.resolve_ds_config(train, denv.world_size)
     ds_cfg["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
-    model, _ = build(PRESET, modalities=SPEC, seed=0)
+    model, _ = build_model(PRESET, modalities=SPEC, seed=0)
     engine, _ = ds_setup.initialize(LossModule(model, ("T1",)), train, ds_cfg)
     gas = train.accumulation(denv.world_size)
 

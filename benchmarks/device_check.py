@@ -154,7 +154,7 @@ def step_engine_1rank(check: Check) -> dict:
     diffs = {s: abs(res_l[s] - ref_l[s]) / abs(ref_l[s]) for s in after}
     ev_dir = check.work / "eval"
     cmd = [
-        sys.executable, "-m", "umbrella_ds.train.eval_cli", "--checkpoint", str(res),
+        sys.executable, "-m", "umbrella_ds.eval.eval_cli", "--checkpoint", str(res),
         "--data", str(data / "shards"), "--instructions",
         str(data / "raw" / "instructions" / "t1_sex_eval.jsonl"), "--max-samples", "4",
         "--out", str(ev_dir),
@@ -201,9 +201,11 @@ def step_zero3_compiled_export(check: Check) -> dict:
     # device, step 1 whole under ZeRO-2; the seeded init must give both the same base hash.
     whole = check.work / "ref" / "checkpoints" / "step-0000006" / "meta.json"
     whole_hash = (
-        json.loads(whole.read_text())["base"]["weights_sha256"] if whole.is_file() else None
+        json.loads(whole.read_text())["recipe"]["base"]["weights_sha256"]
+        if whole.is_file()
+        else None
     )
-    zero3_hash = info.get("base", {}).get("weights_sha256")
+    zero3_hash = info["recipe"]["base"]["weights_sha256"]
     return {
         "ok": (exported / "patch_embed.safetensors").is_file()
         and (whole_hash is None or whole_hash == zero3_hash),

@@ -30,7 +30,7 @@ BASELINE_REV = "1a38f8b"  # main before issue 22 §9 / issue 24 §1
 
 def _old_module(rev: str) -> types.ModuleType:
     src = subprocess.run(
-        ["git", "show", f"{rev}:umbrella_ds/train/evaluate.py"],
+        ["git", "show", f"{rev}:umbrella_ds/train/evaluate.py"],  # its home at BASELINE_REV
         cwd=REPO, check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     mod = types.ModuleType("evaluate_baseline")
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.common import free_port
     from umbrella_ds.config import DataConfig, EvalConfig, ModelConfig
+    from umbrella_ds.eval import evaluate as new
     from umbrella_ds.model import build_model
-    from umbrella_ds.train import evaluate as new
     from umbrella_ds.train.inputs import build_inputs
 
     old = _old_module(args.baseline_rev)

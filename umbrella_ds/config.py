@@ -177,7 +177,7 @@ class CheckpointConfig:
 class EvalConfig:
     every_steps: int = 0  # 0: only at the end
     at_end: bool = True
-    # "derived": per task, the longest tokenized reference answer (capped, train/evaluate.py)
+    # "derived": per task, the longest tokenized reference answer (capped, eval/evaluate.py)
     max_new_tokens: int | Literal["derived"] = "derived"
     max_samples: int | None = None
     micro_batch: int | None = None  # None: train.micro_batch

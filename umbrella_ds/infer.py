@@ -89,13 +89,15 @@ def parse_scan(text: str) -> tuple[str, Path]:
 
 
 def preprocess_scans(
-    scans: list[tuple[str, Path]], info: dict[str, Any]
+    scans: list[tuple[str, Path]],
+    params: dict[str, Any] | None,
+    modalities: dict[str, dict[str, list[int]]],
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Each scan -> the array packing would have stored, checked against the model's input grid."""
+    """Each scan -> the array packing would have stored, checked against the model's input grid
+    (`params`: the export's preprocessing; `modalities`: its recipe's)."""
     from umbrella_ds.scan.preprocess import preprocess
     from umbrella_ds.scan.readers import InputRejected
 
-    params = info.get("preprocessing")
     if not params:
         raise InferError(
             "the export records no preprocessing parameters (made by an older umbrella-export?): "
@@ -103,9 +105,9 @@ def preprocess_scans(
         )
     volumes: dict[str, dict[str, np.ndarray]] = {}
     for k, (modality, path) in enumerate(scans):
-        if modality not in info["modalities"]:
+        if modality not in modalities:
             raise InferError(
-                f"--scan {modality}={path}: the model was trained on {sorted(info['modalities'])}"
+                f"--scan {modality}={path}: the model was trained on {sorted(modalities)}"
             )
         if modality not in params:
             raise InferError(
@@ -113,7 +115,7 @@ def preprocess_scans(
                 f"(have {sorted(params)})"
             )
         grid = list(params[modality]["size"])
-        want = list(info["modalities"][modality]["size"])[:3]
+        want = list(modalities[modality]["size"])[:3]
         if grid != want:
             raise InferError(
                 f"preprocessing mismatch for {modality}: packing resized to {grid} but the model's "
@@ -180,13 +182,15 @@ def infer(
     default the CPU); returns the answer record."""
     import torch
 
-    from umbrella_ds.config import DERIVED_MAX_NEW_TOKENS_CAP, config_from_dict
+    from umbrella_ds.config import DERIVED_MAX_NEW_TOKENS_CAP
     from umbrella_ds.data import InstructionDataset, Renderer, collate_eval
     from umbrella_ds.data.collate import to_device
     from umbrella_ds.data.template import template_of
     from umbrella_ds.model import greedy_generate, image_token_id
-    from umbrella_ds.train.export import EXPORT_INFO, BaseMismatchError, load_trained
+    from umbrella_ds.train import trained
+    from umbrella_ds.train.base_weights import BaseMismatchError
     from umbrella_ds.train.factory import cast_like_deepspeed
+    from umbrella_ds.train.trained import EXPORT_INFO
 
     export_dir = Path(export_dir)
     if not (export_dir / EXPORT_INFO).is_file():
@@ -196,11 +200,12 @@ def infer(
     if not scans:
         raise InferError("--scan: give at least one --scan MODALITY=PATH")
     task = build_task(prompt, scans)  # a placeholder count that does not fit fails before loading
-    info = json.loads((export_dir / EXPORT_INFO).read_text())
-    cfg = config_from_dict(info["run_config"])
-    volumes = preprocess_scans(scans, info)
+    found = trained.locate(export_dir)
+    info, cfg = found.record, found.config
+    modalities = found.recipe.modality_specs()
+    volumes = preprocess_scans(scans, info.get("preprocessing"), modalities)
     try:
-        model, tokenizer = load_trained(export_dir, base=base)
+        model, tokenizer, _ = trained.load(found, base=base)
     except BaseMismatchError as exc:
         raise InferError(str(exc)) from exc
     cast_like_deepspeed(model, cfg.train.bf16)  # the dtype evaluation ran in
@@ -217,7 +222,7 @@ def infer(
         renderer,
         train=False,
         seed=cfg.train.seed,
-        series_length=modality_table.window_length(info["modalities"]),
+        series_length=modality_table.window_length(modalities),
         window_stride=cfg.data.window_stride,
         windows=cfg.data.windows,
         flip=False,
@@ -250,7 +255,7 @@ def infer(
                 batch["image_positions"],
                 n_new,
                 int(eos_id),
-                all_modalities=tuple(info["modalities"]),
+                all_modalities=tuple(modalities),
             )
             answers.append(
                 {

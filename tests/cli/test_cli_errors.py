@@ -134,7 +134,7 @@ def test_errors_raised_while_reading_data_are_user_errors(tmp_path):
         parse_task,
         resolve_subjects,
     )
-    from umbrella_ds.train.leakage import LeakageError, check_no_overlap
+    from umbrella_ds.eval.leakage import LeakageError, check_no_overlap
 
     bad = tmp_path / "a.jsonl"
     bad.write_text(json.dumps(t1_task()) + "\n{oops\n")
@@ -199,9 +199,9 @@ def test_pack_errors(tmp_path, capsys):
 
 
 def test_eval_export_infer_report_path_errors(tmp_path, capsys, train_data):
+    from umbrella_ds.eval.eval_cli import main as eval_main
     from umbrella_ds.infer import main as infer_main
     from umbrella_ds.report import main as report_main
-    from umbrella_ds.train.eval_cli import main as eval_main
     from umbrella_ds.train.export import main as export_main
 
     rc, err = _run(export_main, [str(tmp_path), "--out", str(tmp_path / "x")], capsys)

@@ -60,7 +60,7 @@ def last_eval_records(run: Path) -> list[dict]:
 
 
 def eval_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "umbrella_ds.train.eval_cli", *map(str, args)]
+    return [sys.executable, "-m", "umbrella_ds.eval.eval_cli", *map(str, args)]
 
 
 @pytest.mark.timeout(600)
@@ -88,7 +88,7 @@ def test_umbrella_eval_reproduces_the_in_training_record(eval_run, train_data, t
     # Two ranks through torchrun (the launcher discovery of train/env.py), as training ran.
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()), "-m", "umbrella_ds.train.eval_cli",
+        "--master_port", str(free_port()), "-m", "umbrella_ds.eval.eval_cli",
         "--checkpoint", str(eval_run), "--data", str(train_data / "shards"),
         "--instructions", str(inst), "--out", str(out),
     ]  # fmt: skip
@@ -119,7 +119,8 @@ def test_export_carries_what_inference_needs_and_evaluates_the_same(
     info = json.loads((exported / "export.json").read_text())
     shards = json.loads((train_data / "shards" / "index.json").read_text())
     assert info["preprocessing"] == shards["preprocessing"]
-    assert len(info["base"]["weights_sha256"]) == 64 and info["base"]["preset"] == "tiny"
+    base = info["recipe"]["base"]
+    assert len(base["weights_sha256"]) == 64 and base["preset"] == "tiny"
     prov = json.loads((exported / "provenance.json").read_text())
     assert prov["kind"] == "export" and prov["extra"]["step"] == STEPS
 
@@ -142,6 +143,33 @@ def test_export_carries_what_inference_needs_and_evaluates_the_same(
     # subjects' scores swap order, and then by a whole step. Measured 0 under
     # ATEN_CPU_CAPABILITY=default, avx2 and avx512 (AMD EPYC with AVX-512, 2026-12-07).
     assert got["t1_sex"]["auroc"] == want["t1_sex"]["auroc"]
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoint_and_its_export_carry_one_recipe_and_load_alike(eval_run, exported):
+    """meta.json and export.json hold the same ModelRecipe (same key, same dict), and the one
+    loader takes the run, the step and the export to the same model and recipe."""
+    import torch
+
+    from umbrella_ds.model import find_patch_embed
+    from umbrella_ds.train import trained
+
+    info = json.loads((exported / "export.json").read_text())
+    step_dir = Path(info["checkpoint"])
+    meta = json.loads((step_dir / "meta.json").read_text())
+    assert meta["recipe"] == info["recipe"] and info["recipe"]["template"] == "chatml"
+    assert (meta["format"], info["format"]) == (2, 3)
+    assert not {"base", "init", "seed", "modalities"} & (set(info) | set(meta))
+    loaded = {
+        "run": trained.load(eval_run),
+        "step": trained.load(step_dir),
+        "export": trained.load(exported),
+    }
+    assert all(recipe.to_dict() == info["recipe"] for _, _, recipe in loaded.values())
+    want = find_patch_embed(loaded["export"][0]).state_dict()
+    for what in ("run", "step"):
+        got = find_patch_embed(loaded[what][0]).state_dict()
+        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 @pytest.mark.timeout(600)
@@ -177,7 +205,7 @@ def test_infer_on_a_raw_nifti_answers_as_evaluation_on_the_packed_subject(
     info = json.loads((exported / "export.json").read_text())
     bad = tmp_path / "bad-export"
     subprocess.run(["cp", "-r", str(exported), str(bad)], check=True, timeout=60)
-    info["base"]["weights_sha256"] = "0" * 64
+    info["recipe"]["base"]["weights_sha256"] = "0" * 64
     (bad / "export.json").write_text(json.dumps(info))
 
     def infer_bad() -> subprocess.CompletedProcess:
@@ -218,7 +246,7 @@ def test_training_refuses_overlapping_subjects_naming_them(train_data, tmp_path)
 
 def test_leakage_guard_counts_t3_reference_scans():
     from umbrella_ds.data import parse_task
-    from umbrella_ds.train.leakage import LeakageError, check_no_overlap, shared_subjects
+    from umbrella_ds.eval.leakage import LeakageError, check_no_overlap, shared_subjects
 
     def t3(ref: str, query: str):
         conv = [
@@ -250,8 +278,8 @@ def test_eval_cli_usage_errors(tmp_path):
 
 
 def test_class_first_tokens_are_the_tokens_greedy_decoding_must_choose_first():
+    from umbrella_ds.eval.evaluate import answer_first_token, class_first_tokens, record_subject
     from umbrella_ds.model import build_model
-    from umbrella_ds.train.evaluate import answer_first_token, class_first_tokens, record_subject
 
     _, tok = build_model("tiny")
     tokens = class_first_tokens(tok, ["male.", "female.", "Male."])

@@ -12,8 +12,8 @@ from helpers.training import BIN
 
 import umbrella_ds
 from umbrella_ds.config import config_from_dict
+from umbrella_ds.eval.evaluate import task_name
 from umbrella_ds.model import greedy_generate, model_forward_loss
-from umbrella_ds.train.evaluate import task_name
 from umbrella_ds.train.inputs import build_inputs
 
 pytestmark = pytest.mark.multiproc

@@ -158,7 +158,7 @@ def test_llava15_eval_prompt_is_the_training_prefix(tok15, tasks):
 
 
 def test_llava15_answer_first_token(tok15):
-    from umbrella_ds.train.evaluate import answer_first_token, class_first_tokens
+    from umbrella_ds.eval.evaluate import answer_first_token, class_first_tokens
 
     assert answer_first_token(tok15, "female.", LLAVA15) == tok15.convert_tokens_to_ids("▁female")
     assert answer_first_token(tok15, "female.") == answer_first_token(tok15, "female.", LLAVA15)

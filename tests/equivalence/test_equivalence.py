@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from umbrella_ds.train.export import trained_state
+from umbrella_ds.train.trained import trained_state
 
 from .cases import CASES, SAME_BATCHES, STEPS, TOLERANCE, Case, by_name
 
@@ -124,8 +124,8 @@ def test_zero3_random_init_evaluates_afterwards_as_during_training(
     run = two_rank_runs / ZERO3_RANDOM
     meta = json.loads((run / "checkpoints" / f"step-{STEPS:07d}" / "meta.json").read_text())
     assert (
-        meta["base"]["init_scheme"] == "name-seeded-v1"
-        and len(meta["base"]["weights_sha256"]) == 64
+        meta["recipe"]["base"]["init_scheme"] == "name-seeded-v1"
+        and len(meta["recipe"]["base"]["weights_sha256"]) == 64
     )
     inst = [str(equivalence_data / "instructions" / f) for f in EVAL_FILES]
     proc = subprocess.run(
@@ -159,7 +159,7 @@ def test_zero3_and_zero2_runs_train_on_one_base(
     for runs in (reference_runs, two_rank_runs):
         for name in pair:
             meta = (runs / name / "checkpoints" / f"step-{STEPS:07d}" / "meta.json").read_text()
-            base = json.loads(meta)["base"]
+            base = json.loads(meta)["recipe"]["base"]
             records.add((base["weights_sha256"], base["hash_scheme"], base["init_scheme"]))
             first.append(next(r["loss"] for r in _records(runs / name, "train") if r["step"] == 1))
     assert len(records) == 1, records
@@ -179,8 +179,8 @@ def test_a_rebuilt_base_that_differs_is_refused(two_rank_runs: Path, tmp_path: P
     good = export(step, tmp_path / "export")
     load_trained(good)  # the ZeRO-3 base rebuilt on one process passes the check
     meta = json.loads((step / "meta.json").read_text())
-    recorded = meta["base"]["weights_sha256"]
-    meta["base"]["weights_sha256"] = "0" * 64
+    recorded = meta["recipe"]["base"]["weights_sha256"]
+    meta["recipe"]["base"]["weights_sha256"] = "0" * 64
     (step / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(BaseMismatchError) as err:
         export(step, tmp_path / "export2")

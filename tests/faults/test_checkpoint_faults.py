@@ -22,7 +22,7 @@ from helpers.training import base_sets, check, env, metrics, run_train, wait_for
 
 from umbrella_ds.model.presets import get_preset
 from umbrella_ds.train.checkpoint import DIE_DURING_SAVE_ENV, frozen_names, resolve
-from umbrella_ds.train.export import trained_state
+from umbrella_ds.train.trained import trained_state
 
 pytestmark = pytest.mark.multiproc
 

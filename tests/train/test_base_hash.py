@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from umbrella_ds.model import build_model
+from umbrella_ds.model.recipe import ModelRecipe
 from umbrella_ds.train import factory
 from umbrella_ds.train.base_weights import (
     HASH_SCHEME,
@@ -25,6 +26,8 @@ from umbrella_ds.train.base_weights import (
     base_hash,
     check_base,
 )
+from umbrella_ds.train.legacy_init import legacy_random_base
+from umbrella_ds.train.trained import recipe_of
 
 GOLDEN = Path(__file__).parent / "golden" / "meta_e28e210.json"
 # The legacy ZeRO-3 replay of `tiny`, seed 0, as e28e210 computed it on one process
@@ -32,21 +35,25 @@ GOLDEN = Path(__file__).parent / "golden" / "meta_e28e210.json"
 LEGACY_ZERO3_TINY_SEED0 = "2e7423167ba8e6ada503f091a372001c1761e4c714991daf6402a60689102e32"
 
 
+def _rebuild(meta: dict) -> ModelRecipe:
+    return recipe_of(meta).rebuild(what="golden-step")[2]
+
+
 def test_legacy_whole_checkpoint_rebuilds_to_its_recorded_hash():
     meta = json.loads(GOLDEN.read_text())
     assert meta["base"]["init_path"] == "whole" and "hash_scheme" not in meta["base"]
-    _, _, record = factory.rebuild_for_checkpoint(Path("golden-step"), meta)
-    assert record == meta["base"]  # checked in the legacy fp32 scheme, drawn the legacy way
+    recipe = _rebuild(meta)  # checked in the legacy fp32 scheme, drawn the legacy way
+    assert recipe.weights_sha256 == meta["base"]["weights_sha256"]
+    assert (recipe.init_path, recipe.hash_scheme, recipe.init_scheme) == ("whole", None, None)
 
 
 def test_legacy_zero3_record_rebuilds_by_its_replay_and_a_wrong_hash_is_refused():
     meta = json.loads(GOLDEN.read_text())
     meta["base"] = {"init_path": "zero3", "weights_sha256": LEGACY_ZERO3_TINY_SEED0}
-    _, _, record = factory.rebuild_for_checkpoint(Path("golden-step"), meta)
-    assert record["weights_sha256"] == LEGACY_ZERO3_TINY_SEED0
+    assert _rebuild(meta).weights_sha256 == LEGACY_ZERO3_TINY_SEED0
     meta["base"]["weights_sha256"] = "0" * 64
     with pytest.raises(BaseMismatchError, match=LEGACY_ZERO3_TINY_SEED0):
-        factory.rebuild_for_checkpoint(Path("golden-step"), meta)
+        _rebuild(meta)
 
 
 def test_new_records_name_their_schemes_and_rebuild():
@@ -57,11 +64,11 @@ def test_new_records_name_their_schemes_and_rebuild():
     assert record["hash_scheme"] == HASH_SCHEME and record["init_scheme"] == "name-seeded-v1"
     assert record["weights_sha256"] != meta["base"]["weights_sha256"]  # another stream
     meta["base"] = record
-    _, _, rebuilt = factory.rebuild_for_checkpoint(Path("step"), meta)
-    assert rebuilt == record
+    rebuilt = _rebuild(meta)
+    assert {k: rebuilt.base_record()[k] for k in record} == record
     meta["base"] = {**record, "init_scheme": "name-seeded-v9"}
     with pytest.raises(Exception, match="newer umbrella-ds"):
-        factory.rebuild_for_checkpoint(Path("step"), meta)
+        _rebuild(meta)
 
 
 def test_resuming_a_legacy_random_base_is_refused_and_a_legacy_pretrained_hash_is_checked():
@@ -73,11 +80,12 @@ def test_resuming_a_legacy_random_base_is_refused_and_a_legacy_pretrained_hash_i
     built = factory.Built(model, None, torch.float32)
     base = factory.base_record(built)
     with pytest.raises(BaseMismatchError, match="drawn before seeded init"):
-        factory.check_resume_base(meta["base"], built, base, cfg, what="ckpt")
+        factory.check_resume_base(recipe_of(meta), built, base, cfg, what="ckpt")
     # a legacy record of a base that is the same (as a pretrained one is): checked the old way
     legacy = {"weights_sha256": base_hash(model, LEGACY_SCHEME)}
     assert check_base(legacy, model, what="x", source="y", hint="z") == legacy["weights_sha256"]
-    factory.check_resume_base({**base}, built, base, cfg, what="ckpt")  # new record: no rehash
+    new = factory.run_recipe(cfg, built, base)
+    factory.check_resume_base(new, built, base, cfg, what="ckpt")  # new record: no rehash
 
 
 def test_bf16_hash_is_the_same_for_fp32_and_bf16_builds():
@@ -96,7 +104,7 @@ def test_seeded_init_keeps_each_module_rule(preset):
     same scale (std within 20%: at >= 64 values the sample std's own spread is <= 9%, 1 sigma)
     and mean (within 5 standard errors)."""
     seeded, _ = build_model(preset, seed=0)
-    legacy, _ = build_model(preset, seed=0, legacy_init_path="whole")
+    legacy, _ = build_model(preset, seed=0, construct_base=legacy_random_base("whole"))
     old = dict(legacy.named_parameters())
     drawn = 0
     for name, p in seeded.named_parameters():
@@ -158,7 +166,9 @@ def test_legacy_export_info_rebuilds_its_base():
         "modalities": meta["config"]["model"]["modalities"],
         "run_config": meta["config"],
     }
-    factory.rebuild_for_export(info, None, torch.float32, what="old-export")
+    recipe = recipe_of(info)
+    assert (recipe.preset, recipe.init, recipe.init_path) == ("tiny", "random", "whole")
+    recipe.rebuild(what="old-export")
     info["base"]["weights_sha256"] = "0" * 64
     with pytest.raises(BaseMismatchError):
-        factory.rebuild_for_export(info, None, torch.float32, what="old-export")
+        recipe_of(info).rebuild(what="old-export")

@@ -217,7 +217,8 @@ def test_finder_follows_the_rule(monkeypatch, capsys):
 def test_eval_and_export_follow_the_run_config(tool, tmp_path, monkeypatch, capsys):
     """The checkpoint's train.device decides: auto is refused on the GPU node, cpu gets past the
     rule to the next check (the missing data)."""
-    from umbrella_ds.train import eval_cli, export
+    from umbrella_ds.eval import eval_cli
+    from umbrella_ds.train import export
 
     _gpu_node(monkeypatch)
     for device in ("auto", "cpu"):

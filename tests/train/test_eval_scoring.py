@@ -20,6 +20,8 @@ from umbrella_ds.config import EvalConfig
 from umbrella_ds.data import InstructionDataset, Renderer, collate_eval, collate_train, parse_task
 from umbrella_ds.data.collate import to_device
 from umbrella_ds.data.template import template_of
+from umbrella_ds.eval.evaluate import evaluate_set
+from umbrella_ds.eval.metrics import candidate
 from umbrella_ds.model import (
     build_model,
     embed_inputs,
@@ -30,9 +32,7 @@ from umbrella_ds.model import (
     model_forward_loss,
     num_image_tokens,
 )
-from umbrella_ds.train.evaluate import evaluate_set
 from umbrella_ds.train.inputs import Inputs
-from umbrella_ds.train.metrics import candidate
 
 SUBJECTS = [f"NDARINV{i:08d}" for i in range(8)]
 SIZE = [8, 8, 8]
@@ -206,7 +206,7 @@ def test_generation_length_is_derived_from_the_references_and_warned(group, tiny
     task = next(r for r in evals if r["task"] == "sex_comparison")
     assert task["longest_reference_tokens"] == longest
     assert task["max_new_tokens"] == min(longest, 64)
-    with caplog.at_level(logging.WARNING, logger="umbrella_ds.train.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="umbrella_ds.eval.evaluate"):
         evals, preds = run_eval(model, tokenizer, inputs, max_new_tokens=3)
         run_eval(model, tokenizer, inputs, max_new_tokens=3)
     warned = [

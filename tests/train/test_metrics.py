@@ -1,10 +1,10 @@
-"""The answer parser and per-task metrics (documented in umbrella_ds/train/metrics.py)."""
+"""The answer parser and per-task metrics (documented in umbrella_ds/eval/metrics.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from umbrella_ds.train.metrics import (
+from umbrella_ds.eval.metrics import (
     class_vocabulary,
     classification_metrics,
     is_regression,
@@ -130,7 +130,7 @@ def test_a_first_match_parse_misreads_an_answer_naming_the_reference_first():
 
 
 def _labels(targets, metas, field=""):
-    from umbrella_ds.train.metrics import task_labels
+    from umbrella_ds.eval.metrics import task_labels
 
     return task_labels(targets, metas, field)
 
@@ -186,7 +186,7 @@ def test_empty_references_take_their_labels():
 
 
 def test_candidate_replaces_every_occurrence_of_the_label_in_its_case():
-    from umbrella_ds.train.metrics import candidate
+    from umbrella_ds.eval.metrics import candidate
 
     ref = "Classification: Male. Unlike the female reference, typical of male anatomy."
     assert candidate(ref, "male", "female") == (

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from umbrella_ds.train import stats
+from umbrella_ds.eval import stats
 
 
 def test_accuracy_and_balanced_accuracy_count_unparseable_as_wrong() -> None:

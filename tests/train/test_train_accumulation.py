@@ -13,8 +13,8 @@ from helpers.training import base_sets, check, losses_by_step, run_train
 from umbrella_ds.config import load_config
 from umbrella_ds.model import build_model, find_patch_embed, model_forward_loss
 from umbrella_ds.train.ds_setup import loss_normaliser
-from umbrella_ds.train.export import trained_state
 from umbrella_ds.train.inputs import build_inputs
+from umbrella_ds.train.trained import trained_state
 
 # Bounds measured under ATEN_CPU_CAPABILITY=default/avx2/avx512 (AMD EPYC, 2026-12-07), about 10x
 # the largest difference seen, so the suite holds on other x86 CPUs; the naive per-micro-batch mean

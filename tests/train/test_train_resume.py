@@ -20,7 +20,7 @@ from helpers.training import (
     wait_for,
 )
 
-from umbrella_ds.train.export import trained_state
+from umbrella_ds.train.trained import trained_state
 
 pytestmark = pytest.mark.multiproc
 STEPS, EVERY = 24, 8

@@ -1,6 +1,6 @@
 """The patched LLaVA: MRI patch embedding, splice, freeze, presets."""
 
-from umbrella_ds.model.build import DEFAULT_MODALITIES, build_model, count_parameters
+from umbrella_ds.model.build import DEFAULT_MODALITIES, build_model
 from umbrella_ds.model.llava import (
     ParamRow,
     branch_order,
@@ -36,7 +36,6 @@ __all__ = [
     "branch_order",
     "build_model",
     "check_image_tokens",
-    "count_parameters",
     "embed_inputs",
     "enable_activation_checkpointing",
     "find_patch_embed",

@@ -46,7 +46,9 @@ from umbrella_ds.model.presets import get_preset, list_presets
 from umbrella_ds.model.seeded_init import Access, init_by_name, whole_access
 
 log = logging.getLogger(__name__)
-InitPath = Literal["whole", "zero3"]  # how a legacy (pre-seeded-init) random base was drawn
+# Draws a random base another way than seeded init: (config, dtype, seed) -> model. Only the
+# legacy bases of records written before seeded init use one (train/legacy_init.py).
+BaseConstructor = Callable[[LlavaConfig, torch.dtype, int], LlavaForConditionalGeneration]
 PATCH_EMBED_STREAM = (
     7919  # seed offset of the patch embedding's initialisation (_patch_embed_values)
 )
@@ -86,7 +88,7 @@ def build_model(
     activation_checkpointing: tuple[bool, bool] = (False, False),
     seed: int | None = None,
     attn_implementation: str = "sdpa",
-    legacy_init_path: InitPath | None = None,
+    construct_base: BaseConstructor | None = None,
 ) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase | None]:
     """Build the patched LLaVA and its tokenizer.
 
@@ -102,9 +104,9 @@ def build_model(
     activation_checkpointing: (vision tower, language model), non-reentrant.
     seed: seeds the random initialisation (`seeded_init`: each tensor from (seed, its name)) and
         the patch embedding's, without touching the caller's RNG state; None draws one from it.
-    legacy_init_path: rebuild, on one process, a base drawn before seeded init by the path it was
-        drawn ("whole": transformers' ordinary init; "zero3": its module-by-module ZeRO-3 init
-        replayed). Read-only: for checkpoints and exports written before; never for training.
+    construct_base: draws a random base instead of seeded init, on one process: the legacy
+        bases of checkpoints and exports written before it (`ModelRecipe.build` passes
+        `train.legacy_init.legacy_random_base`). Read-only: never for training.
 
     Returns (model, tokenizer). The tokenizer is None for a local directory without tokenizer
     files (real presets ship a stand-in of their vocabulary size, see presets.py).
@@ -113,13 +115,8 @@ def build_model(
     init = init or ("random" if kind == "preset" else "pretrained")
     if init not in ("random", "pretrained"):
         raise ValueError(f"init must be 'random' or 'pretrained', got {init!r}")
-    if legacy_init_path is not None and (
-        legacy_init_path not in ("whole", "zero3") or zero3_init is not None or seed is None
-    ):
-        raise ValueError(
-            f"legacy_init_path={legacy_init_path!r} rebuilds a recorded base on one process: "
-            "'whole' or 'zero3', with its seed, without zero3_init"
-        )
+    if construct_base is not None and (zero3_init is not None or seed is None):
+        raise ValueError("construct_base rebuilds a recorded base on one process, with its seed")
     if zero3_init is not None and zero3_access is None:
         raise ValueError("zero3_init needs zero3_access (how the init reaches the partitions)")
     tokenizer: PreTrainedTokenizerBase | None = None
@@ -162,8 +159,8 @@ def build_model(
     if seed is None:  # a seed from the caller's RNG: unseeded builds still differ run to run
         seed = int(torch.randint(0, 2**62, ()))
     access = zero3_access or whole_access
-    if legacy_init_path is not None and init == "random":
-        model = _legacy_random_base(config, dtype, seed, legacy_init_path)
+    if construct_base is not None and init == "random":
+        model = construct_base(config, dtype, seed)
     else:
         # HF partitions by itself when a HfDeepSpeedConfig is alive (pretrained under ZeRO-3).
         with contextlib.ExitStack() as stack:
@@ -244,57 +241,3 @@ def _splice_seeded_patch_embed(
         if writes:
             for name, p in params.items():
                 p.copy_(values[name])
-
-
-def _legacy_random_base(
-    config: LlavaConfig, dtype: torch.dtype, seed: int, init_path: InitPath
-) -> LlavaForConditionalGeneration:
-    """A random base as the code before seeded init drew it on one process (read-only path):
-    transformers' init from `torch.manual_seed(seed)`, whole or replaying the ZeRO-3 order."""
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        with no_init_weights() if init_path == "zero3" else contextlib.nullcontext():
-            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-        if init_path == "zero3":
-            _initialize_weights_as_zero3(model)
-    return model
-
-
-def random_init_path(zero3: bool, init: str) -> InitPath:
-    """The init path a legacy run's frozen base was drawn by (records before it had one)."""
-    return "zero3" if zero3 and init == "random" else "whole"
-
-
-def _initialize_weights_as_zero3(model: PreTrainedModel) -> None:
-    """transformers' `initialize_weights_zero3` on one process: the same module order and the same
-    `_initialize_weights` calls, on whole tensors instead of gathered partitions, so the same seed
-    draws the same values as rank 0 did in a partitioned build of the legacy code."""
-    from transformers.initialization import guard_torch_init_functions
-
-    is_remote_code = model.is_remote_code()
-
-    def apply(module: torch.nn.Module, fn: Callable) -> None:
-        for child in module.children():
-            if isinstance(child, PreTrainedModel):
-                apply(child, child._initialize_weights)
-            else:
-                apply(child, fn)
-        fn(module, is_remote_code)
-
-    with torch.no_grad(), guard_torch_init_functions():
-        apply(model, model._initialize_weights)
-
-
-def count_parameters(source: str, *, patched: bool = False) -> int:
-    """Total parameters of a preset's architecture, built on the meta device (no memory).
-
-    patched=False counts the published architecture (original 2D patch embedding), which is
-    what published totals refer to; patched=True counts the model as trained here.
-    """
-    preset = get_preset(source)
-    config = preset.make_config()
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
-        if patched:
-            splice_patch_embed(model, preset.modalities)
-    return sum(p.numel() for p in model.parameters())

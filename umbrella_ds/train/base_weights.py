@@ -2,8 +2,9 @@
 
 A patch embedding is trained against one frozen base. A rebuild that draws other random values,
 or loads another copy of "the same" pretrained model, answers differently, silently. So the
-engine records the base's hash in every checkpoint, and export, `umbrella-eval`,
-`load_checkpoint_model` and `load_trained` compare their rebuild against it.
+engine records the base's hash in every checkpoint's ModelRecipe, and every rebuild of a trained
+model (`ModelRecipe.rebuild`, for export, `umbrella-eval`, `umbrella-infer`, `load_trained`)
+compares against it.
 
 Schemes (the record's `hash_scheme`; a record without one was written before it existed):
 - `bf16-tensors-v1` (HASH_SCHEME): every frozen tensor in name order, its values rounded to bf16,

@@ -55,7 +55,10 @@ from umbrella_ds.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # meta.json's layout; MIN_FORMAT_VERSION..FORMAT_VERSION load
+# meta.json's layout; MIN_FORMAT_VERSION..FORMAT_VERSION load. 2: the model record is the
+# ModelRecipe under "recipe" (model/recipe.py); 1 had the base fingerprint under "base", read by
+# trained.recipe_from_old.
+FORMAT_VERSION = 2
 MIN_FORMAT_VERSION = 1
 META = "meta.json"
 LATEST = "latest"

@@ -27,17 +27,18 @@ from torch import nn
 from umbrella_ds.config import FINGERPRINT_SCHEME, RunConfig
 from umbrella_ds.data import ResumableSampler, slots
 from umbrella_ds.data.collate import to_device
+from umbrella_ds.eval.evaluate import evaluate
 from umbrella_ds.model import model_forward_loss
 from umbrella_ds.model.flops import FlopCounter, flop_counter
 from umbrella_ds.train import checkpoint as ckpt
 from umbrella_ds.train import ds_setup, env, factory, signals
 from umbrella_ds.train.compile import compile_blocks
 from umbrella_ds.train.determinism import enable_deterministic
-from umbrella_ds.train.evaluate import evaluate
 from umbrella_ds.train.inputs import Inputs, build_inputs, open_data, train_loader
 from umbrella_ds.train.preflight import check_keep_best_task
 from umbrella_ds.train.run_logging import RunLogger, device_peak, mfu
 from umbrella_ds.train.start_record import write_start
+from umbrella_ds.train.trained import recipe_of
 
 log = logging.getLogger("umbrella_ds.train")
 
@@ -139,7 +140,9 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
     # so export and evaluation can refuse a rebuild that is not the base the run trained on.
     base = factory.base_record(built)
     if found:
-        factory.check_resume_base(found.meta.get("base"), built, base, cfg, what=str(found.path))
+        recorded = recipe_of(found.meta)
+        factory.check_resume_base(recorded, built, base, cfg, what=str(found.path))
+    recipe = factory.run_recipe(cfg, built, base).to_dict()
     if cfg.train.compile == "blocks":
         n_blocks = compile_blocks(model, zero3=zero3)
         if rank == 0:
@@ -164,7 +167,7 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
         global_batch_size=cfg.train.global_batch,
     )
     train_state = ckpt.TrainState()
-    parts = checkpoint_parts(cfg, engine, sched, sampler, train_state, fingerprints, base, denv)
+    parts = checkpoint_parts(cfg, engine, sched, sampler, train_state, fingerprints, recipe, denv)
     checkpointer = ckpt.Checkpointer(cfg.checkpoint, out / "checkpoints", rank, world, parts)
     return Run(
         cfg, denv, env.device_for(denv), found, fingerprints, model, built.tokenizer, inputs,
@@ -173,7 +176,7 @@ def build(cfg: RunConfig, denv: env.DistEnv, resume: str, allow_mismatch: bool) 
 
 
 def checkpoint_parts(
-    cfg: RunConfig, engine, sched, sampler, train_state, fingerprints, base, denv: env.DistEnv
+    cfg: RunConfig, engine, sched, sampler, train_state, fingerprints, recipe, denv: env.DistEnv
 ) -> ckpt.Parts:
     """What a checkpoint holds, one line a part (names are meta.json keys or file groups)."""
     return ckpt.Parts(
@@ -191,7 +194,7 @@ def checkpoint_parts(
             "fingerprints": ckpt.Record(lambda: fingerprints),
             # how "config" above was hashed; checkpoints before schemes lack it (scheme 1)
             ckpt.SCHEME_KEY: ckpt.Record(lambda: FINGERPRINT_SCHEME, optional=True),
-            "base": ckpt.Record(lambda: base, optional=True),  # since the base fingerprint
+            "recipe": ckpt.Record(lambda: recipe, optional=True),  # format 2; 1 had "base"
             "trainable": ckpt.TrainableNames(engine.module),
         },
     )

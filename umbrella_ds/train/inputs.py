@@ -32,9 +32,9 @@ from umbrella_ds.data import (
 )
 from umbrella_ds.data.staging import stage_for_node
 from umbrella_ds.data.template import ChatTemplate, template_of
+from umbrella_ds.eval.leakage import check_no_overlap
 from umbrella_ds.model import image_token_id, num_image_tokens
 from umbrella_ds.shards import ShardDataset, open_dataset
-from umbrella_ds.train.leakage import check_no_overlap
 
 log = logging.getLogger(__name__)
 

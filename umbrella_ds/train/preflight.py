@@ -73,7 +73,7 @@ def check_run(cfg: RunConfig) -> None:
 def check_keep_best_task(cfg: RunConfig, inputs) -> None:
     """A keep_best naming a task the evaluation set does not have would never record a best
     checkpoint; say so before training rather than after it (``inputs``: train.inputs.Inputs)."""
-    from umbrella_ds.train.evaluate import task_name
+    from umbrella_ds.eval.evaluate import task_name
 
     key = cfg.checkpoint.keep_best_key()
     if key is None or key[0] == "all" or inputs.eval_set is None:

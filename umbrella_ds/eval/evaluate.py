@@ -54,11 +54,8 @@ from umbrella_ds.config import DERIVED_MAX_NEW_TOKENS_CAP, EvalConfig
 from umbrella_ds.data import build_loader
 from umbrella_ds.data.collate import to_device
 from umbrella_ds.data.template import ChatTemplate, select_template
-from umbrella_ds.io import atomic_write_text
-from umbrella_ds.model.generate import continuation_logprobs, decode_greedy, prefill_with_loss
-from umbrella_ds.train.eval_batches import EvalBatches, Planned, unwrap
-from umbrella_ds.train.inputs import Inputs
-from umbrella_ds.train.metrics import (
+from umbrella_ds.eval.eval_batches import EvalBatches, Planned, unwrap
+from umbrella_ds.eval.metrics import (
     DEFAULT_LABEL_FIELD,
     TaskLabels,
     candidate,
@@ -69,6 +66,9 @@ from umbrella_ds.train.metrics import (
     target_label,
     task_labels,
 )
+from umbrella_ds.io import atomic_write_text
+from umbrella_ds.model.generate import continuation_logprobs, decode_greedy, prefill_with_loss
+from umbrella_ds.train.inputs import Inputs
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ Labels (``task_labels``; the rules of issue 24, in this order):
 
 Reference answers still serve the loss. Tasks whose references are sentences (some reference is
 more than its class word) are scored primarily by the likelihood choice (``candidate``,
-``umbrella_ds/train/evaluate.py``); the parsed generation's accuracy is reported beside it.
+``umbrella_ds/eval/evaluate.py``); the parsed generation's accuracy is reported beside it.
 
 The statistics themselves (balanced accuracy, AUROC, bootstrap intervals over subjects,
-per-subject aggregation of rsfMRI windows) are defined in :mod:`umbrella_ds.train.stats`.
+per-subject aggregation of rsfMRI windows) are defined in :mod:`umbrella_ds.eval.stats`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from umbrella_ds.train import stats
+from umbrella_ds.eval import stats
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@ embedding trained by UMBRELLA/BrainVLM) on its base, as step 0: no training need
 The numbers are the in-training evaluation's: the same dataset construction (the run config's
 data section, with --data and --instructions swapped in), the same sharding over ranks, the same
 greedy decoding, labels, likelihood choice, answer parsing and statistics
-(``evaluate.evaluate_set``). The model is rebuilt
-without DeepSpeed: the frozen base from the run config and the trained patch embedding from the
+(``evaluate.evaluate_set``). The model is loaded by the one loader of trained models
+(``train/trained.load``), without DeepSpeed: the frozen base rebuilt from the checkpoint's or
+export's ModelRecipe and checked against its hash, the trained patch embedding from the
 checkpoint's fp32 master weights, cast to bf16 when the run trained in bf16 (what DeepSpeed's
 module held), so a checkpoint evaluated here gives the record its run logged at that step.
 
@@ -93,49 +94,37 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 @dataclasses.dataclass
-class Source:
+class EvalTarget:
+    """What is evaluated: a trained checkpoint or export (`trained.Trained`), or a run config
+    whose model.patch_embed_init names a predecessor-trained patch embedding (step 0)."""
+
     kind: str  # "checkpoint" | "export" | "config"
-    path: Path  # step dir or export dir
+    path: Path  # step dir, export dir or run YAML
     config: Any  # RunConfig
     step: int
-    fingerprint: str  # sha256 of meta.json / export.json
+    fingerprint: str  # sha256 of meta.json / export.json / the YAML
+    trained: Any = None  # trained.Trained, for a checkpoint or an export
 
 
-def resolve_source(path: str) -> Source:
-    from umbrella_ds.config import config_from_dict
-    from umbrella_ds.train.checkpoint import META, CheckpointError, read_meta, resolve
-    from umbrella_ds.train.export import EXPORT_INFO
+def resolve_target(path: str) -> EvalTarget:
+    from umbrella_ds.train.checkpoint import CheckpointError
+    from umbrella_ds.train.trained import EXPORT_INFO, locate
 
     p = Path(path).expanduser().resolve()
     if p.is_file() and p.suffix in (".yaml", ".yml"):
-        return _config_source(p)
-    if (p / EXPORT_INFO).is_file():
-        try:
-            info = json.loads((p / EXPORT_INFO).read_text())
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{p / EXPORT_INFO}:{exc.lineno}: malformed JSON ({exc.msg})") from exc
-        return Source(
-            "export",
-            p,
-            config_from_dict(info["run_config"]),
-            int(info["step"]),
-            _sha(p / EXPORT_INFO),
-        )
+        return _config_target(p)
     try:
-        step_dir = resolve(p)
+        found = locate(p)
     except CheckpointError as exc:
         raise UsageError(f"--checkpoint {path}: {exc} (nor an export: no {EXPORT_INFO})") from exc
-    meta = read_meta(step_dir)
-    return Source(
-        "checkpoint",
-        step_dir,
-        config_from_dict(meta["config"]),
-        int(meta["step"]),
-        _sha(step_dir / META),
+    except UserError as exc:
+        raise UsageError(str(exc)) from exc
+    return EvalTarget(
+        found.kind, found.path, found.config, found.step, _sha(found.record_file), found
     )
 
 
-def _config_source(path: Path) -> Source:
+def _config_target(path: Path) -> EvalTarget:
     """A run YAML whose model.patch_embed_init names a predecessor-trained patch embedding."""
     from umbrella_ds.config import load_config
 
@@ -145,14 +134,14 @@ def _config_source(path: Path) -> Source:
             f"--checkpoint {path}: a run config is evaluated from model.patch_embed_init, which it "
             "does not set (a trained run: pass its run or checkpoint directory)"
         )
-    return Source("config", path, cfg, 0, _sha(path))
+    return EvalTarget("config", path, cfg, 0, _sha(path))
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def default_out(src: Source) -> Path:
+def default_out(src: EvalTarget) -> Path:
     if src.kind == "config":
         return src.path.parent / f"eval-{src.path.stem}"
     if src.kind == "export":
@@ -161,37 +150,23 @@ def default_out(src: Source) -> Path:
     return src.path.parent.parent / f"eval-{src.path.name}"
 
 
-def load_model(src: Source, base: str | None):
+def load_model(src: EvalTarget, base: str | None):
     """The patched model and tokenizer in the dtype the run evaluated in, in eval mode."""
-    from umbrella_ds.train.export import BaseMismatchError, load_checkpoint_model, load_trained
+    from umbrella_ds.model.patch_embed_init import apply_config
+    from umbrella_ds.train import trained
+    from umbrella_ds.train.base_weights import BaseMismatchError
     from umbrella_ds.train.factory import cast_like_deepspeed
 
     try:
-        if src.kind == "config":
-            model, tokenizer = _patch_embed_init_model(src.config, base)
-        elif src.kind == "export":
-            model, tokenizer = load_trained(src.path, base=base)
+        if src.kind == "config":  # the run's base (nothing recorded to check), the init loaded
+            model, tokenizer = trained.recipe_for_config(src.config).build(source=base)
+            apply_config(model, src.config.model)
         else:
-            model, tokenizer = load_checkpoint_model(src.path, base=base)
+            model, tokenizer, _ = trained.load(src.trained, base=base)
     except BaseMismatchError as exc:  # another base than the run trained on: the user's to fix
         raise UsageError(f"--base: {exc}") from exc
     cast_like_deepspeed(model, src.config.train.bf16)
     model.eval()
-    return model, tokenizer
-
-
-def _patch_embed_init_model(cfg, base: str | None):
-    """The run config's base with model.patch_embed_init loaded into its patch embedding."""
-    from umbrella_ds.model.patch_embed_init import apply_config
-    from umbrella_ds.train.factory import build, modality_specs
-
-    model, tokenizer = build(
-        base or cfg.model.source,
-        modalities=modality_specs(cfg.model),
-        init=cfg.model.init,
-        seed=cfg.train.seed,
-    )
-    apply_config(model, cfg.model)
     return model, tokenizer
 
 
@@ -204,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     from umbrella_ds.train import env
     from umbrella_ds.train.preflight import check_base, check_shards
 
-    src = resolve_source(args.checkpoint)
+    src = resolve_target(args.checkpoint)
     if args.device is not None:
         env.apply_device_rule(args.device, "--device")
     else:
@@ -236,14 +211,14 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _run(src: Source, args, denv, data_dir: Path, files: list[str], out: Path) -> int:
+def _run(src: EvalTarget, args, denv, data_dir: Path, files: list[str], out: Path) -> int:
     import torch.distributed as dist
 
+    from umbrella_ds.eval.evaluate import evaluate_set
     from umbrella_ds.io import atomic_write_text
     from umbrella_ds.provenance import write_provenance
     from umbrella_ds.shards import open_dataset
     from umbrella_ds.train import env
-    from umbrella_ds.train.evaluate import evaluate_set
     from umbrella_ds.train.inputs import build_inputs
 
     cfg = src.config
