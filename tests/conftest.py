@@ -1,5 +1,6 @@
 """Shared test settings (CPU DeepSpeed, cached extension builds, repository paths) and the
-fixtures more than one folder uses: the 48-subject training cohort and one finished 2-rank run.
+fixtures more than one folder uses: the packed-cohort factory (every synthetic cohort a test
+trains or reads on), the 48-subject training cohort and one finished 2-rank run.
 
 Session fixtures are built once per session, on first use. A folder's own fixtures live in its
 conftest.py; helpers (no fixtures) live in tests/helpers/.
@@ -8,12 +9,13 @@ conftest.py; helpers (no fixtures) live in tests/helpers/.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers.training import BIN, base_sets, check, run_train
+from helpers.cohort import CohortSpec, Grid, grid, pack_cohort
+from helpers.training import base_sets, check, run_train
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -38,22 +40,38 @@ def venv_bin() -> Path:
 
 
 @pytest.fixture(scope="session")
-def train_data(tmp_path_factory) -> Path:
+def packed_cohort(tmp_path_factory) -> Callable[..., Path]:
+    """``packed_cohort(n, seed, size=32, modalities=("T1",), *, t1_shape=48, frames=8,
+    rsfmri_shape=16)``: the folder (``raw/``, ``shards/``) of ``n`` synthetic subjects packed with
+    T1 at ``size`` (an edge or a grid) and rsfMRI, when packed, at its synthetic grid. Built on the
+    first call with these arguments, then the same folder for the rest of the session."""
+    built: dict[CohortSpec, Path] = {}
+
+    def get(
+        n: int,
+        seed: int,
+        size: int | Grid = 32,
+        modalities: tuple[str, ...] = ("T1",),
+        *,
+        t1_shape: int | Grid = 48,
+        frames: int = 8,
+        rsfmri_shape: int | Grid = 16,
+    ) -> Path:
+        spec = CohortSpec(
+            n, seed, grid(size), tuple(modalities), grid(t1_shape), frames, grid(rsfmri_shape)
+        )
+        if spec not in built:
+            root = tmp_path_factory.mktemp(f"cohort-{n}-seed{seed}")
+            built[spec] = pack_cohort(spec, root)
+        return built[spec]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def train_data(packed_cohort) -> Path:
     """A small synthetic cohort, T1 packed at 32^3 (48 subjects: 38 train, 10 eval)."""
-    root = tmp_path_factory.getbasetemp() / "train-data"
-    raw = root / "raw"
-    subprocess.run(
-        [BIN / "umbrella-pack", "synth", "--out", raw, "--subjects", "48", "--seed", "0",
-         "--t1-shape", "48", "48", "48", "--frames", "8", "--rsfmri-shape", "16", "16", "16"],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    subprocess.run(
-        [BIN / "umbrella-pack", "build", "--manifest", raw / "manifest.csv", "--out",
-         root / "shards", "--workers", "1", "--modalities", "T1", "--t1-size", "32", "32", "32",
-         "--no-progress"],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    return root
+    return packed_cohort(48, 0)
 
 
 @pytest.fixture(scope="session")

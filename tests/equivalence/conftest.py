@@ -84,21 +84,13 @@ def _sentence_t3(src: Path, dst: Path, extra: int = 0) -> None:
 
 
 @pytest.fixture(scope="session")
-def equivalence_data(tmp_path_factory) -> Path:
+def equivalence_data(packed_cohort, tmp_path_factory) -> Path:
+    """The T1 + rsfMRI cohort (20 subjects) with the instruction files and DeepSpeed configs of
+    the cases beside a link to its shards."""
+    cohort = packed_cohort(20, 1, 32, ("T1", "rsfMRI"), t1_shape=40)
+    raw = cohort / "raw"
     root = tmp_path_factory.mktemp("equivalence-data")
-    raw = root / "raw"
-    run = dict(check=True, capture_output=True, timeout=300)
-    subprocess.run(
-        [BIN / "umbrella-pack", "synth", "--out", raw, "--subjects", "20", "--seed", "1",
-         "--t1-shape", "40", "40", "40", "--frames", "8", "--rsfmri-shape", "16", "16", "16"],
-        **run,
-    )  # fmt: skip
-    subprocess.run(
-        [BIN / "umbrella-pack", "build", "--manifest", raw / "manifest.csv", "--out",
-         root / "shards", "--modalities", "T1", "rsfMRI", "--t1-size", "32", "32", "32",
-         "--rsfmri-size", "16", "16", "16", "--workers", "1", "--no-progress"],
-        **run,
-    )  # fmt: skip
+    (root / "shards").symlink_to(cohort / "shards", target_is_directory=True)
     inst = root / "instructions"
     inst.mkdir()
     for name in ("t1_sex_train.jsonl", "rsfmri_sex_train.jsonl"):
