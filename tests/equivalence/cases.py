@@ -66,6 +66,8 @@ class Case:
     num_workers: int = 0  # data.num_workers: > 0 reads through reused batch slots
 
     tol: Tolerance = TOLERANCE  # a case that needs other bounds says so, with its measurement
+    # Run-config keys over the harness's (the comparison cases: their own run, their own bounds).
+    sets: tuple[tuple[str, str], ...] = ()
 
 
 CASES = [
@@ -89,6 +91,28 @@ CASES = [
     Case("mixed-zero3-siglip-floor", "mixed", "zero3", patches="floor"),
     Case("t3sentences-zero3-siglip", "t3_sentences", "zero3"),
 ]
+# Comparisons of runs of one launch with each other (not 2 ranks against 1): the cases of
+# test_comparisons.py, each with its own bounds there. They run after every case of CASES in the
+# same launch, so the cases above keep their order and neighbours (see the ZeRO-3 note above);
+# a ZeRO-3 case before them moves a ZeRO-2 loss by ~1e-6, on both runs of a pair alike.
+# Gradient accumulation equals one large batch on the real engine, 1 rank: micro-batch 1 x
+# accumulation 4 against micro-batch 4 x accumulation 1; T1 tasks, ds_configs/zero2.json as shipped
+# (Adam eps 1e-8, the setting the bounds were measured in), demo.yaml's lr, 3 steps, no eval.
+ACCUMULATION_STEPS = 3
+_ACCUMULATION = (
+    ("train.deepspeed", "zero2"),
+    ("train.max_steps", str(ACCUMULATION_STEPS)),
+    ("train.lr", "3.0e-3"),
+    ("train.warmup_steps", "3"),
+    ("eval.at_end", "false"),
+)
+ACCUMULATION = {
+    micro: Case(f"accumulation-micro{micro}", "t1", "zero2",
+                sets=(*_ACCUMULATION, ("train.micro_batch", str(micro))))
+    for micro in (1, 4)
+}  # fmt: skip
+ONE_RANK_COMPARISONS = list(ACCUMULATION.values())
+
 # A case whose batches must equal another's bit for bit (it differs only in how they are read).
 SAME_BATCHES = {"mixed-zero2-siglip-workers2": "mixed-zero2-siglip"}
 
@@ -125,10 +149,11 @@ def ds_json(zero: str) -> str:
 
 
 def by_name(name: str) -> Case:
-    for case in CASES:
+    every = [*CASES, *ONE_RANK_COMPARISONS]
+    for case in every:
         if case.name == name:
             return case
-    raise KeyError(f"no equivalence case {name!r} (cases: {[c.name for c in CASES]})")
+    raise KeyError(f"no equivalence case {name!r} (cases: {[c.name for c in every]})")
 
 
 def overrides(case: Case, data: Path, out: Path) -> list[str]:
@@ -170,4 +195,5 @@ def overrides(case: Case, data: Path, out: Path) -> list[str]:
         sets["data.num_workers"] = str(case.num_workers)
 
     sets.update(DATA_SETS.get(case.data, {}))
+    sets.update(case.sets)
     return [f"{k}={v}" for k, v in sets.items()]
