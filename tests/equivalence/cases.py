@@ -13,6 +13,7 @@ To add the combination a user reports, add one line to CASES.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,38 @@ ACCUMULATION = {
 }  # fmt: skip
 ONE_RANK_COMPARISONS = list(ACCUMULATION.values())
 
+# train.compile=blocks against eager on 2 ranks (tests/equivalence/test_comparisons.py): ZeRO-2 in
+# bf16 without activation checkpointing, ZeRO-3 in fp32 with it, so two pairs cover both stages,
+# both precisions and checkpointing on/off (UMBRELLA_COMPILE_ALL=1: all eight combinations).
+# T1 tasks, ds_configs/ as shipped, 3 steps at a small lr (bf16 rounding differences are not
+# amplified into diverging trajectories), no eval. The driver resets dynamo before each (a fresh
+# process's compile, as a user's run) and keeps each run's log (OUT/CASE/log-rank*.txt).
+COMPILE_STEPS = 3
+COMPILE_PAIRS = [("zero2", True, False), ("zero3", False, True)]  # (stage, bf16, checkpointing)
+if os.environ.get("UMBRELLA_COMPILE_ALL") == "1":
+    COMPILE_PAIRS = [
+        (s, b, c) for s in ("zero2", "zero3") for b in (False, True) for c in (False, True)
+    ]
+
+
+def compile_case(stage: str, bf16: bool, ckpt: bool, compile_: str) -> Case:
+    """One run of a compiled-vs-eager pair; ``compile_`` is train.compile (none | blocks)."""
+    name = f"compile-{stage}-{'bf16' if bf16 else 'fp32'}{'-ckpt' if ckpt else ''}-{compile_}"
+    sets = (
+        ("train.deepspeed", stage), ("train.max_steps", str(COMPILE_STEPS)),
+        ("train.micro_batch", "2"), ("train.lr", "1e-4"), ("train.min_lr", "0.0"),
+        ("train.warmup_steps", "3"), ("train.bf16", str(bf16).lower()),
+        ("train.compile", compile_), ("eval.at_end", "false"),
+    )  # fmt: skip
+    return Case(name, "t1", stage, checkpointing=ckpt, sets=sets)
+
+
+# Eager runs first, then the compiled ones: compiling leaves process-wide settings behind
+# (inductor's vector width, DeepSpeed's NVTX switch) that no eager run should follow.
+TWO_RANK_COMPARISONS = [
+    compile_case(*pair, compile_) for compile_ in ("none", "blocks") for pair in COMPILE_PAIRS
+]
+
 # A case whose batches must equal another's bit for bit (it differs only in how they are read).
 SAME_BATCHES = {"mixed-zero2-siglip-workers2": "mixed-zero2-siglip"}
 
@@ -149,7 +182,7 @@ def ds_json(zero: str) -> str:
 
 
 def by_name(name: str) -> Case:
-    every = [*CASES, *ONE_RANK_COMPARISONS]
+    every = [*CASES, *ONE_RANK_COMPARISONS, *TWO_RANK_COMPARISONS]
     for case in every:
         if case.name == name:
             return case

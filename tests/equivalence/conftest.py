@@ -1,8 +1,8 @@
 """Fixtures of the equivalence harness: one T1 + rsfMRI cohort, then every case on 1 and 2 ranks.
 
 The two launches (reference and 2 ranks) run once per session and serve every test in this
-folder; each launch runs all cases of `cases.CASES` in one process group (driver.py), the 1-rank
-launch also the comparison cases of test_comparisons.py.
+folder; each launch runs all cases of `cases.CASES` in one process group (driver.py), and the
+comparison cases of test_comparisons.py after them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 from helpers.net import free_port
 
-from .cases import CASES, EVAL_FILES, HARNESS_ADAM_EPS, ONE_RANK_COMPARISONS, Case, ds_json
+from .cases import (
+    CASES,
+    EVAL_FILES,
+    HARNESS_ADAM_EPS,
+    ONE_RANK_COMPARISONS,
+    TWO_RANK_COMPARISONS,
+    Case,
+    ds_json,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -137,5 +145,7 @@ def reference_runs(equivalence_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def two_rank_runs(equivalence_data, reference_runs, tmp_path_factory) -> Path:
-    """Every case on two ranks (after the reference: the two launches never share the cores)."""
-    return _launch(2, equivalence_data, tmp_path_factory.mktemp("equivalence-2rank"), CASES)
+    """Every case on two ranks (after the reference: the two launches never share the cores); then,
+    in the same launch, the 2-rank comparison cases (cases.TWO_RANK_COMPARISONS)."""
+    out = tmp_path_factory.mktemp("equivalence-2rank")
+    return _launch(2, equivalence_data, out, [*CASES, *TWO_RANK_COMPARISONS])
