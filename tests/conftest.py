@@ -8,6 +8,7 @@ conftest.py; helpers (no fixtures) live in tests/helpers/.
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from collections.abc import Callable
@@ -74,9 +75,14 @@ def train_data(packed_cohort) -> Path:
     return packed_cohort(48, 0)
 
 
+SHM_SEGMENTS = "/dev/shm/deepspeed_allreduce_buffer_*"  # DeepSpeed's CPU comm op, one per rank
+
+
 @pytest.fixture(scope="session")
-def fp32_run(train_data, tmp_path_factory) -> Path:
-    """A finished 2-rank ZeRO-2 fp32 run with a checkpoint every step and eval at the end."""
+def fp32_run_and_shm(train_data, tmp_path_factory) -> tuple[Path, set[str]]:
+    """A finished 2-rank ZeRO-2 fp32 run with a checkpoint every step and eval at the end, and the
+    shared-memory segments of DeepSpeed's CPU comm op that appeared while it ran and outlived it
+    (test_train_checkpoint.py: there must be none)."""
     out = tmp_path_factory.getbasetemp() / "fp32-run"
     sets = base_sets(
         train_data,
@@ -84,5 +90,12 @@ def fp32_run(train_data, tmp_path_factory) -> Path:
         **{"train.max_steps": 4, "train.bf16": "false", "checkpoint.every_steps": 1,
            "checkpoint.keep_last": 2, "eval.at_end": "true", "eval.max_new_tokens": 4},
     )  # fmt: skip
+    before = set(glob.glob(SHM_SEGMENTS))
     check(run_train(2, sets, timeout=300))
-    return out
+    return out, set(glob.glob(SHM_SEGMENTS)) - before
+
+
+@pytest.fixture(scope="session")
+def fp32_run(fp32_run_and_shm) -> Path:
+    """A finished 2-rank ZeRO-2 fp32 run with a checkpoint every step and eval at the end."""
+    return fp32_run_and_shm[0]
