@@ -29,6 +29,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+# Folders whose modules share session fixtures that cost minutes (the equivalence launches) or a
+# machine-wide resource (one SLURM cluster per machine): one group each under pytest-xdist.
+ONE_GROUP_FOLDERS = ("equivalence", "slurm")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "xdist_group(name): tests pytest-xdist runs on one worker")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """For ``pytest -n 2 --dist loadgroup`` (pytest-xdist): every test module is one group, so its
+    module fixtures are made once, on one worker, and so are the folders of ONE_GROUP_FOLDERS.
+    A session fixture that modules of two groups use is made once per worker (the cohorts: seconds).
+    Without xdist the marks do nothing."""
+    for item in items:
+        rel = item.path.relative_to(REPO / "tests")
+        group = rel.parts[0] if rel.parts[0] in ONE_GROUP_FOLDERS else rel.as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
@@ -91,8 +111,13 @@ def fp32_run_and_shm(train_data, tmp_path_factory) -> tuple[Path, set[str]]:
            "checkpoint.keep_last": 2, "eval.at_end": "true", "eval.max_new_tokens": 4},
     )  # fmt: skip
     before = set(glob.glob(SHM_SEGMENTS))
-    check(run_train(2, sets, timeout=300))
-    return out, set(glob.glob(SHM_SEGMENTS)) - before
+    proc = run_train(2, sets, timeout=300)
+    check(proc)
+    # Only this run's segments (named ..._<addr>_<port>_<rank>): runs of other sessions or test
+    # workers may be starting meanwhile.
+    port = proc.args[proc.args.index("--master_port") + 1]
+    new = set(glob.glob(SHM_SEGMENTS)) - before
+    return out, {p for p in new if p.rsplit("_", 2)[-2] == port}
 
 
 @pytest.fixture(scope="session")
