@@ -49,8 +49,12 @@ demo-data: $(STAMP)
 demo: demo-data ds-ops
 	$(BIN)/python -m umbrella_ds.demo --config configs/demo.yaml --data $(DEMO_DATA) --out $(OUT)
 
+# Two pytest workers (pytest-xdist): most of the suite is one busy process at a time, so a second
+# worker uses the second core. Each test module stays on one worker, the equivalence and SLURM
+# folders too (tests/conftest.py); TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) ds-ops
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -28,7 +28,7 @@ cases and plumbing; results also in benchmarks/results/train_gpu.json):
      `data_wait_frac`.
 
 `--dry-run` runs every step on the CPU at tiny sizes (gloo instead of NCCL; no compilation:
-inductor on a CPU costs minutes, and tests/train/test_compile.py covers compiled blocks inside
+inductor on a CPU costs minutes, and tests/equivalence/test_comparisons.py covers compiled blocks inside
 the engine; step 4's rsfMRI case is train_gpu.py --smoke's), so a GPU session is not spent
 finding a broken script
 (tests/cli/test_device_check.py). Its figures mean nothing.

@@ -1,5 +1,6 @@
 """Shared test settings (CPU DeepSpeed, cached extension builds, repository paths) and the
-fixtures more than one folder uses: the 48-subject training cohort and one finished 2-rank run.
+fixtures more than one folder uses: the packed-cohort factory (every synthetic cohort a test
+trains or reads on), the 48-subject training cohort and one finished 2-rank run.
 
 Session fixtures are built once per session, on first use. A folder's own fixtures live in its
 conftest.py; helpers (no fixtures) live in tests/helpers/.
@@ -7,13 +8,15 @@ conftest.py; helpers (no fixtures) live in tests/helpers/.
 
 from __future__ import annotations
 
+import glob
 import os
-import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers.training import BIN, base_sets, check, run_train
+from helpers.cohort import CohortSpec, Grid, grid, pack_cohort
+from helpers.training import base_sets, check, run_train
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -24,6 +27,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+# Folders whose modules share session fixtures that cost minutes (the equivalence launches) or a
+# machine-wide resource (one SLURM cluster per machine): one group each under pytest-xdist.
+ONE_GROUP_FOLDERS = ("equivalence", "slurm")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "xdist_group(name): tests pytest-xdist runs on one worker")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """For ``pytest -n 2 --dist loadgroup`` (pytest-xdist): every test module is one group, so its
+    module fixtures are made once, on one worker, and so are the folders of ONE_GROUP_FOLDERS.
+    A session fixture that modules of two groups use is made once per worker (the cohorts: seconds).
+    Without xdist the marks do nothing."""
+    for item in items:
+        rel = item.path.relative_to(REPO / "tests")
+        group = rel.parts[0] if rel.parts[0] in ONE_GROUP_FOLDERS else rel.as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
@@ -38,27 +61,48 @@ def venv_bin() -> Path:
 
 
 @pytest.fixture(scope="session")
-def train_data(tmp_path_factory) -> Path:
-    """A small synthetic cohort, T1 packed at 32^3 (48 subjects: 38 train, 10 eval)."""
-    root = tmp_path_factory.getbasetemp() / "train-data"
-    raw = root / "raw"
-    subprocess.run(
-        [BIN / "umbrella-pack", "synth", "--out", raw, "--subjects", "48", "--seed", "0",
-         "--t1-shape", "48", "48", "48", "--frames", "8", "--rsfmri-shape", "16", "16", "16"],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    subprocess.run(
-        [BIN / "umbrella-pack", "build", "--manifest", raw / "manifest.csv", "--out",
-         root / "shards", "--workers", "1", "--modalities", "T1", "--t1-size", "32", "32", "32",
-         "--no-progress"],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    return root
+def packed_cohort(tmp_path_factory) -> Callable[..., Path]:
+    """``packed_cohort(n, seed, size=32, modalities=("T1",), *, t1_shape=48, frames=8,
+    rsfmri_shape=16)``: the folder (``raw/``, ``shards/``) of ``n`` synthetic subjects packed with
+    T1 at ``size`` (an edge or a grid) and rsfMRI, when packed, at its synthetic grid. Built on the
+    first call with these arguments, then the same folder for the rest of the session."""
+    built: dict[CohortSpec, Path] = {}
+
+    def get(
+        n: int,
+        seed: int,
+        size: int | Grid = 32,
+        modalities: tuple[str, ...] = ("T1",),
+        *,
+        t1_shape: int | Grid = 48,
+        frames: int = 8,
+        rsfmri_shape: int | Grid = 16,
+    ) -> Path:
+        spec = CohortSpec(
+            n, seed, grid(size), tuple(modalities), grid(t1_shape), frames, grid(rsfmri_shape)
+        )
+        if spec not in built:
+            root = tmp_path_factory.mktemp(f"cohort-{n}-seed{seed}")
+            built[spec] = pack_cohort(spec, root)
+        return built[spec]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def fp32_run(train_data, tmp_path_factory) -> Path:
-    """A finished 2-rank ZeRO-2 fp32 run with a checkpoint every step and eval at the end."""
+def train_data(packed_cohort) -> Path:
+    """A small synthetic cohort, T1 packed at 32^3 (48 subjects: 38 train, 10 eval)."""
+    return packed_cohort(48, 0)
+
+
+SHM_SEGMENTS = "/dev/shm/deepspeed_allreduce_buffer_*"  # DeepSpeed's CPU comm op, one per rank
+
+
+@pytest.fixture(scope="session")
+def fp32_run_and_shm(train_data, tmp_path_factory) -> tuple[Path, set[str]]:
+    """A finished 2-rank ZeRO-2 fp32 run with a checkpoint every step and eval at the end, and the
+    shared-memory segments of DeepSpeed's CPU comm op that appeared while it ran and outlived it
+    (test_train_checkpoint.py: there must be none)."""
     out = tmp_path_factory.getbasetemp() / "fp32-run"
     sets = base_sets(
         train_data,
@@ -66,5 +110,17 @@ def fp32_run(train_data, tmp_path_factory) -> Path:
         **{"train.max_steps": 4, "train.bf16": "false", "checkpoint.every_steps": 1,
            "checkpoint.keep_last": 2, "eval.at_end": "true", "eval.max_new_tokens": 4},
     )  # fmt: skip
-    check(run_train(2, sets, timeout=300))
-    return out
+    before = set(glob.glob(SHM_SEGMENTS))
+    proc = run_train(2, sets, timeout=300)
+    check(proc)
+    # Only this run's segments (named ..._<addr>_<port>_<rank>): runs of other sessions or test
+    # workers may be starting meanwhile.
+    port = proc.args[proc.args.index("--master_port") + 1]
+    new = set(glob.glob(SHM_SEGMENTS)) - before
+    return out, {p for p in new if p.rsplit("_", 2)[-2] == port}
+
+
+@pytest.fixture(scope="session")
+def fp32_run(fp32_run_and_shm) -> Path:
+    """A finished 2-rank ZeRO-2 fp32 run with a checkpoint every step and eval at the end."""
+    return fp32_run_and_shm[0]

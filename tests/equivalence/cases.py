@@ -13,6 +13,7 @@ To add the combination a user reports, add one line to CASES.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,8 @@ class Case:
     num_workers: int = 0  # data.num_workers: > 0 reads through reused batch slots
 
     tol: Tolerance = TOLERANCE  # a case that needs other bounds says so, with its measurement
+    # Run-config keys over the harness's (the comparison cases: their own run, their own bounds).
+    sets: tuple[tuple[str, str], ...] = ()
 
 
 CASES = [
@@ -89,6 +92,60 @@ CASES = [
     Case("mixed-zero3-siglip-floor", "mixed", "zero3", patches="floor"),
     Case("t3sentences-zero3-siglip", "t3_sentences", "zero3"),
 ]
+# Comparisons of runs of one launch with each other (not 2 ranks against 1): the cases of
+# test_comparisons.py, each with its own bounds there. They run after every case of CASES in the
+# same launch, so the cases above keep their order and neighbours (see the ZeRO-3 note above);
+# a ZeRO-3 case before them moves a ZeRO-2 loss by ~1e-6, on both runs of a pair alike.
+# Gradient accumulation equals one large batch on the real engine, 1 rank: micro-batch 1 x
+# accumulation 4 against micro-batch 4 x accumulation 1; T1 tasks, ds_configs/zero2.json as shipped
+# (Adam eps 1e-8, the setting the bounds were measured in), demo.yaml's lr, 3 steps, no eval.
+ACCUMULATION_STEPS = 3
+_ACCUMULATION = (
+    ("train.deepspeed", "zero2"),
+    ("train.max_steps", str(ACCUMULATION_STEPS)),
+    ("train.lr", "3.0e-3"),
+    ("train.warmup_steps", "3"),
+    ("eval.at_end", "false"),
+)
+ACCUMULATION = {
+    micro: Case(f"accumulation-micro{micro}", "t1", "zero2",
+                sets=(*_ACCUMULATION, ("train.micro_batch", str(micro))))
+    for micro in (1, 4)
+}  # fmt: skip
+ONE_RANK_COMPARISONS = list(ACCUMULATION.values())
+
+# train.compile=blocks against eager on 2 ranks (tests/equivalence/test_comparisons.py): ZeRO-2 in
+# bf16 without activation checkpointing, ZeRO-3 in fp32 with it, so two pairs cover both stages,
+# both precisions and checkpointing on/off (UMBRELLA_COMPILE_ALL=1: all eight combinations).
+# T1 tasks, ds_configs/ as shipped, 3 steps at a small lr (bf16 rounding differences are not
+# amplified into diverging trajectories), no eval. The driver resets dynamo before each (a fresh
+# process's compile, as a user's run) and keeps each run's log (OUT/CASE/log-rank*.txt).
+COMPILE_STEPS = 3
+COMPILE_PAIRS = [("zero2", True, False), ("zero3", False, True)]  # (stage, bf16, checkpointing)
+if os.environ.get("UMBRELLA_COMPILE_ALL") == "1":
+    COMPILE_PAIRS = [
+        (s, b, c) for s in ("zero2", "zero3") for b in (False, True) for c in (False, True)
+    ]
+
+
+def compile_case(stage: str, bf16: bool, ckpt: bool, compile_: str) -> Case:
+    """One run of a compiled-vs-eager pair; ``compile_`` is train.compile (none | blocks)."""
+    name = f"compile-{stage}-{'bf16' if bf16 else 'fp32'}{'-ckpt' if ckpt else ''}-{compile_}"
+    sets = (
+        ("train.deepspeed", stage), ("train.max_steps", str(COMPILE_STEPS)),
+        ("train.micro_batch", "2"), ("train.lr", "1e-4"), ("train.min_lr", "0.0"),
+        ("train.warmup_steps", "3"), ("train.bf16", str(bf16).lower()),
+        ("train.compile", compile_), ("eval.at_end", "false"),
+    )  # fmt: skip
+    return Case(name, "t1", stage, checkpointing=ckpt, sets=sets)
+
+
+# Eager runs first, then the compiled ones: compiling leaves process-wide settings behind
+# (inductor's vector width, DeepSpeed's NVTX switch) that no eager run should follow.
+TWO_RANK_COMPARISONS = [
+    compile_case(*pair, compile_) for compile_ in ("none", "blocks") for pair in COMPILE_PAIRS
+]
+
 # A case whose batches must equal another's bit for bit (it differs only in how they are read).
 SAME_BATCHES = {"mixed-zero2-siglip-workers2": "mixed-zero2-siglip"}
 
@@ -125,10 +182,11 @@ def ds_json(zero: str) -> str:
 
 
 def by_name(name: str) -> Case:
-    for case in CASES:
+    every = [*CASES, *ONE_RANK_COMPARISONS, *TWO_RANK_COMPARISONS]
+    for case in every:
         if case.name == name:
             return case
-    raise KeyError(f"no equivalence case {name!r} (cases: {[c.name for c in CASES]})")
+    raise KeyError(f"no equivalence case {name!r} (cases: {[c.name for c in every]})")
 
 
 def overrides(case: Case, data: Path, out: Path) -> list[str]:
@@ -170,4 +228,5 @@ def overrides(case: Case, data: Path, out: Path) -> list[str]:
         sets["data.num_workers"] = str(case.num_workers)
 
     sets.update(DATA_SETS.get(case.data, {}))
+    sets.update(case.sets)
     return [f"{k}={v}" for k, v in sets.items()]

@@ -1,7 +1,8 @@
 """Fixtures of the equivalence harness: one T1 + rsfMRI cohort, then every case on 1 and 2 ranks.
 
 The two launches (reference and 2 ranks) run once per session and serve every test in this
-folder; each launch runs all cases of `cases.CASES` in one process group (driver.py).
+folder; each launch runs all cases of `cases.CASES` in one process group (driver.py), and the
+comparison cases of test_comparisons.py after them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from pathlib import Path
 import pytest
 from helpers.net import free_port
 
-from .cases import CASES, EVAL_FILES, HARNESS_ADAM_EPS, ds_json
+from .cases import (
+    CASES,
+    EVAL_FILES,
+    HARNESS_ADAM_EPS,
+    ONE_RANK_COMPARISONS,
+    TWO_RANK_COMPARISONS,
+    Case,
+    ds_json,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -84,21 +93,13 @@ def _sentence_t3(src: Path, dst: Path, extra: int = 0) -> None:
 
 
 @pytest.fixture(scope="session")
-def equivalence_data(tmp_path_factory) -> Path:
+def equivalence_data(packed_cohort, tmp_path_factory) -> Path:
+    """The T1 + rsfMRI cohort (20 subjects) with the instruction files and DeepSpeed configs of
+    the cases beside a link to its shards."""
+    cohort = packed_cohort(20, 1, 32, ("T1", "rsfMRI"), t1_shape=40)
+    raw = cohort / "raw"
     root = tmp_path_factory.mktemp("equivalence-data")
-    raw = root / "raw"
-    run = dict(check=True, capture_output=True, timeout=300)
-    subprocess.run(
-        [BIN / "umbrella-pack", "synth", "--out", raw, "--subjects", "20", "--seed", "1",
-         "--t1-shape", "40", "40", "40", "--frames", "8", "--rsfmri-shape", "16", "16", "16"],
-        **run,
-    )  # fmt: skip
-    subprocess.run(
-        [BIN / "umbrella-pack", "build", "--manifest", raw / "manifest.csv", "--out",
-         root / "shards", "--modalities", "T1", "rsfMRI", "--t1-size", "32", "32", "32",
-         "--rsfmri-size", "16", "16", "16", "--workers", "1", "--no-progress"],
-        **run,
-    )  # fmt: skip
+    (root / "shards").symlink_to(cohort / "shards", target_is_directory=True)
     inst = root / "instructions"
     inst.mkdir()
     for name in ("t1_sex_train.jsonl", "rsfmri_sex_train.jsonl"):
@@ -118,11 +119,11 @@ def equivalence_data(tmp_path_factory) -> Path:
     return root
 
 
-def _launch(nproc: int, data: Path, out: Path) -> Path:
+def _launch(nproc: int, data: Path, out: Path, cases: list[Case]) -> Path:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [
         str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
-        str(DRIVER), "--data", str(data), "--out", str(out), *(c.name for c in CASES),
+        str(DRIVER), "--data", str(data), "--out", str(out), *(c.name for c in cases),
     ]  # fmt: skip
     proc = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=REPO
@@ -136,11 +137,15 @@ def _launch(nproc: int, data: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def reference_runs(equivalence_data, tmp_path_factory) -> Path:
-    """Every case on one rank: the single-process reference with the same global batch."""
-    return _launch(1, equivalence_data, tmp_path_factory.mktemp("equivalence-1rank"))
+    """Every case on one rank: the single-process reference with the same global batch; then, in
+    the same launch, the 1-rank comparison cases (cases.ONE_RANK_COMPARISONS)."""
+    out = tmp_path_factory.mktemp("equivalence-1rank")
+    return _launch(1, equivalence_data, out, [*CASES, *ONE_RANK_COMPARISONS])
 
 
 @pytest.fixture(scope="session")
 def two_rank_runs(equivalence_data, reference_runs, tmp_path_factory) -> Path:
-    """Every case on two ranks (after the reference: the two launches never share the cores)."""
-    return _launch(2, equivalence_data, tmp_path_factory.mktemp("equivalence-2rank"))
+    """Every case on two ranks (after the reference: the two launches never share the cores); then,
+    in the same launch, the 2-rank comparison cases (cases.TWO_RANK_COMPARISONS)."""
+    out = tmp_path_factory.mktemp("equivalence-2rank")
+    return _launch(2, equivalence_data, out, [*CASES, *TWO_RANK_COMPARISONS])

@@ -8,18 +8,25 @@ are paid once. Besides the run's own outputs, rank 0 writes OUT/CASE/modalities.
 training micro-batch, the modalities each rank's batch held (what makes a case "mixed"), and
 OUT/CASE/initial_trainable.pt: the trainable parameters as built, before the first step (gathered
 under ZeRO-3), so the weight check can compare the trained updates (see test_equivalence.py).
+Every rank writes OUT/CASE/log-rankR.txt: the case's log records, torch's warnings among them (a
+dynamo recompile-limit warning is what test_comparisons.py looks for). Before a case that compiles
+(train.compile other than none), dynamo's caches are reset, so it compiles as a fresh process does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import deepspeed
 import torch
+import torch._dynamo
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,7 +76,10 @@ def main() -> int:
                 REPO / "configs" / "demo.yaml", overrides(by_name(name), args.data, out)
             )
             seen.clear()
-            code = engine._run(cfg, denv, "none", False)
+            if cfg.train.compile != "none":
+                torch._dynamo.reset()
+            with _case_log(out / f"log-rank{denv.rank}.txt"):
+                code = engine._run(cfg, denv, "none", False)
             if code != engine.EXIT_OK:
                 return code
             per_rank: list[list[list[str]] | None] = [None] * denv.world_size
@@ -80,6 +90,24 @@ def main() -> int:
     finally:
         dist.destroy_process_group()
     return 0
+
+
+@contextlib.contextmanager
+def _case_log(path: Path) -> Iterator[None]:
+    """The records of one case, at the levels the run prints them, into ``path``: the root logger's
+    (umbrella_ds) and torch's (which do not propagate to the root)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+    loggers = [logging.getLogger(), logging.getLogger("torch"), logging.getLogger("torch._dynamo")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,31 +116,7 @@ def slurm_cluster() -> Cluster:
 
 
 @pytest.fixture(scope="session")
-def cohort_24(tmp_path_factory) -> Path:
-    """24 synthetic subjects, T1 packed at 32^3, for the trainer the SLURM jobs run."""
-    data = tmp_path_factory.mktemp("cohort-24")
-    for args in (
-        ["synth", "--out", str(data / "raw"), "--subjects", "24", "--seed", "0"],
-        [
-            "build",
-            "--manifest",
-            str(data / "raw" / "manifest.csv"),
-            "--out",
-            str(data / "shards"),
-            "--t1-size",
-            "32",
-            "32",
-            "32",
-            "--modalities",
-            "T1",
-            "--no-progress",
-        ],
-    ):
-        done = subprocess.run(
-            [sys.executable, "-m", "data_prep.cli", *args],
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert done.returncode == 0, done.stderr
-    return data
+def cohort_24(packed_cohort) -> Path:
+    """24 synthetic subjects (synth's default grids), T1 packed at 32^3, for the trainer the SLURM
+    jobs run."""
+    return packed_cohort(24, 0, t1_shape=(40, 48, 40), frames=16, rsfmri_shape=(24, 28, 24))
