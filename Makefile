@@ -51,10 +51,11 @@ demo: demo-data ds-ops
 
 # Two pytest workers (pytest-xdist): most of the suite is one busy process at a time, so a second
 # worker uses the second core. Each test module stays on one worker, the equivalence and SLURM
-# folders too (tests/conftest.py); TEST_WORKERS=0 runs everything in one process.
+# folders too (tests/conftest.py); TEST_WORKERS=0 runs everything in one process. The 20 slowest
+# tests are listed at the end, so a CI log says where the time went.
 TEST_WORKERS ?= 2
 test: $(STAMP) ds-ops
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=20 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
