@@ -215,7 +215,7 @@ def step_zero3_compiled_export(check: Check) -> dict:
         "recompiles": len(RECOMPILE.findall(text)),
         "losses": _losses(out),
         "train_wall_s": wall,
-        "export_base_sha256": info.get("base", {}).get("weights_sha256"),
+        "export_base_sha256": info["recipe"]["base"]["weights_sha256"],
     }
 
 

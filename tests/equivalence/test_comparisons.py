@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from umbrella_ds.train.export import trained_state
+from umbrella_ds.train.trained import trained_state
 
 from .cases import ACCUMULATION, ACCUMULATION_STEPS, COMPILE_PAIRS, COMPILE_STEPS, compile_case
 
