@@ -55,7 +55,7 @@ demo: demo-data ds-ops
 # tests are listed at the end, so a CI log says where the time went.
 TEST_WORKERS ?= 2
 test: $(STAMP) ds-ops
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=20 tests
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=20 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
