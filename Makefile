@@ -50,8 +50,9 @@ demo: demo-data ds-ops
 	$(BIN)/python -m umbrella_ds.demo --config configs/demo.yaml --data $(DEMO_DATA) --out $(OUT)
 
 # Two pytest workers (pytest-xdist): most of the suite is one busy process at a time, so a second
-# worker uses the second core. Each test module stays on one worker, the equivalence and SLURM
-# folders too (tests/conftest.py); TEST_WORKERS=0 runs everything in one process. The 20 slowest
+# worker uses the second core. --dist loadscope keeps each test module on one worker, so its module
+# fixtures (and the session runs only one module uses) are made once; TEST_WORKERS=0 runs
+# everything in one process. The 20 slowest
 # tests are listed at the end, so a CI log says where the time went.
 TEST_WORKERS ?= 2
 test: $(STAMP) ds-ops

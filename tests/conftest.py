@@ -29,33 +29,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-# Folders whose modules share session fixtures that cost minutes (the equivalence launches) or a
-# machine-wide resource (one SLURM cluster per machine): one group each under pytest-xdist.
-ONE_GROUP_FOLDERS = ("equivalence", "slurm")
-# Modules outside those folders that share a session run (a 2-rank launch each): one group, so the
-# run is made once, on one worker.
-SHARED_RUN_GROUPS = {
-    "train/test_train_checkpoint.py": "fp32_run",
-    "cli/test_export.py": "fp32_run",
-}
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "xdist_group(name): tests pytest-xdist runs on one worker")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """For ``pytest -n 2 --dist loadgroup`` (pytest-xdist): every test module is one group, so its
-    module fixtures are made once, on one worker, and so are the folders of ONE_GROUP_FOLDERS.
-    A session fixture that modules of two groups use is made once per worker (the cohorts: seconds).
-    Without xdist the marks do nothing."""
-    for item in items:
-        rel = item.path.relative_to(REPO / "tests")
-        group = rel.parts[0] if rel.parts[0] in ONE_GROUP_FOLDERS else rel.as_posix()
-        group = SHARED_RUN_GROUPS.get(rel.as_posix(), group)
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
